@@ -1,0 +1,244 @@
+"""MNIST as uint8 tensors on the training device: loading, the 50k/10k split, sharded sampling and
+batched per-sample augmentation.
+
+torchvision's MNIST defines the files (names, md5s, mirrors) and downloads them. We read the
+verified ``.gz`` files directly instead of letting torchvision extract them: nothing is ever written
+beside the user's files, a read-only data directory works, and N ranks reading at once cannot race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MEAN, STD = 0.1307, 0.3081
+N_TRAIN, N_VAL = 50_000, 10_000
+# name -> (md5, idx magic, dims); the md5s are torchvision's (MNIST.resources).
+_EXPECTED = {
+    "train-images-idx3-ubyte.gz": (2051, (60_000, 28, 28)),
+    "train-labels-idx1-ubyte.gz": (2049, (60_000,)),
+    "t10k-images-idx3-ubyte.gz": (2051, (10_000, 28, 28)),
+    "t10k-labels-idx1-ubyte.gz": (2049, (10_000,)),
+}
+
+
+class DataError(RuntimeError):
+    """The MNIST files are missing, truncated or corrupt; the message names the file."""
+
+
+def _resources() -> dict[str, str]:
+    from torchvision.datasets import MNIST
+
+    return dict(MNIST.resources)
+
+
+def raw_dir(root: Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def missing_files(root: Path) -> list[str]:
+    return [name for name in _EXPECTED if not (raw_dir(root) / name).is_file()]
+
+
+def download(root: Path) -> Path:
+    """Fetch the missing .gz files with torchvision (md5-checked) under a lock; return the raw dir.
+
+    The lock makes N processes starting at once wait for one download instead of racing on it.
+    """
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import download_url
+
+    raw = raw_dir(root)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        lock = open(raw / ".download.lock", "w")  # noqa: SIM115 - held for the whole download
+    except OSError as e:
+        raise DataError(f"cannot create {raw} to download MNIST into: {e}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        md5s = _resources()
+        for name in missing_files(root):
+            errors = []
+            for mirror in MNIST.mirrors:
+                try:
+                    download_url(f"{mirror}{name}", str(raw), name, md5s[name])
+                    break
+                except Exception as e:
+                    errors.append(f"{mirror}: {e}")
+                    (raw / name).unlink(missing_ok=True)
+            else:
+                raise DataError(
+                    f"could not download {name} into {raw} ({'; '.join(errors)}). Offline? Stage the "
+                    "data on a connected machine with `mnist-dist download --data-dir DIR` and point "
+                    "--data-dir or MNIST_DATA_DIR at DIR."
+                )
+    return raw
+
+
+def _read_idx(path: Path, md5: str) -> torch.Tensor:
+    """Verify the file's md5 and IDX header, and return its contents as a uint8 tensor."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    digest = hashlib.md5(blob).hexdigest()
+    if digest != md5:
+        raise DataError(
+            f"{path} is corrupt or truncated: md5 {digest}, expected {md5} ({len(blob):,} bytes on "
+            "disk). Delete it and run `mnist-dist download` again."
+        )
+    data = gzip.decompress(blob)
+    magic, dims = _EXPECTED[path.name]
+    header = int.from_bytes(data[:4], "big")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(len(dims)))
+    if header != magic or shape != dims:
+        raise DataError(f"{path}: IDX header says magic {header} shape {shape}, expected {magic} {dims}")
+    offset = 4 + 4 * len(dims)
+    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).reshape(dims)
+
+
+@dataclass
+class MNISTArrays:
+    """The raw 60k training and 10k test sets, on the CPU."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_mnist(root: Path, allow_download: bool = True) -> MNISTArrays:
+    """Read (downloading first if missing and allowed) and verify the four MNIST files under root."""
+    root = Path(root)
+    if missing_files(root):
+        if not allow_download:
+            raise DataError(f"MNIST files missing in {raw_dir(root)}: {', '.join(missing_files(root))}")
+        download(root)
+    md5s = _resources()
+    t = {name: _read_idx(raw_dir(root) / name, md5s[name]) for name in _EXPECTED}
+    return MNISTArrays(
+        t["train-images-idx3-ubyte.gz"],
+        t["train-labels-idx1-ubyte.gz"].long(),
+        t["t10k-images-idx3-ubyte.gz"],
+        t["t10k-labels-idx1-ubyte.gz"].long(),
+    )
+
+
+def split_indices(split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic 50k/10k split of the 60k training set: same for every world size and seed."""
+    perm = torch.randperm(N_TRAIN + N_VAL, generator=torch.Generator().manual_seed(split_seed))
+    return perm[:N_TRAIN], perm[N_TRAIN:]
+
+
+@dataclass
+class DeviceSplit:
+    """One split held once on the device: images (N,1,28,28) uint8 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def device_splits(
+    arrays: MNISTArrays, split_seed: int, device: torch.device, max_train: int | None = None
+) -> dict[str, DeviceSplit]:
+    train_idx, val_idx = split_indices(split_seed)
+    if max_train is not None:
+        train_idx = train_idx[:max_train]
+
+    def put(images: torch.Tensor, labels: torch.Tensor) -> DeviceSplit:
+        return DeviceSplit(images.unsqueeze(1).to(device), labels.to(device))
+
+    return {
+        "train": put(arrays.train_images[train_idx], arrays.train_labels[train_idx]),
+        "val": put(arrays.train_images[val_idx], arrays.train_labels[val_idx]),
+        "test": put(arrays.test_images, arrays.test_labels),
+    }
+
+
+# ---------------------------------------------------------------------- sampling
+class ShardedSampler:
+    """Index plan for one run: every epoch a fresh permutation (from seed and epoch), cut into
+    optimizer steps of ``batch * world * accum`` samples; rank r takes its contiguous slice of each
+    step, so the ranks together see every sample exactly once per epoch.
+
+    A last step smaller than the world size is merged into the step before it, so every rank has at
+    least one sample in every step (DDP and BatchNorm need that). Every rank knows the whole plan,
+    so they all agree on the number of steps and micro-batches without communicating.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, accum: int = 1) -> None:
+        if n < world:
+            raise ValueError(f"{n} training samples cannot be shared by {world} processes")
+        self.n, self.batch, self.world, self.rank, self.seed, self.accum = n, batch, world, rank, seed, accum
+        step = batch * world * accum
+        bounds = [*range(0, n, step), n]
+        if len(bounds) > 2 and n - bounds[-2] < world:
+            bounds.pop(-2)
+        self._bounds = bounds
+
+    def steps_per_epoch(self) -> int:
+        return len(self._bounds) - 1
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[list[torch.Tensor], int]]:
+        """Yield (this rank's micro-batches, global sample count) for each optimizer step."""
+        perm = self.permutation(epoch)
+        for lo, hi in zip(self._bounds[start_step:-1], self._bounds[start_step + 1 :], strict=True):
+            shards = torch.tensor_split(perm[lo:hi], self.world)
+            micro = min(self.accum, min(len(s) for s in shards))
+            yield list(torch.tensor_split(shards[self.rank], micro)), hi - lo
+
+
+def eval_shard(n: int, world: int, rank: int) -> torch.Tensor:
+    """Rank r's contiguous share of n evaluation samples: exact, no padding, no duplicates."""
+    return torch.tensor_split(torch.arange(n), world)[rank]
+
+
+# ---------------------------------------------------------------------- augmentation
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    return (images_u8.float() / 255.0 - MEAN) / STD
+
+
+def augment(
+    images_u8: torch.Tensor,
+    generator: torch.Generator,
+    rotate: float,
+    translate: float = 0.0,
+    scale: float = 0.0,
+    interpolation: str = "nearest",
+) -> torch.Tensor:
+    """Random rotation (a fresh angle per image, uniform in [-rotate, rotate] as torchvision's
+    RandomRotation draws it), translation and scaling, applied to the whole batch at once with one
+    affine grid; fill 0 before normalization. Returns normalized float images."""
+    x = images_u8.float() / 255.0
+    if rotate == 0 and translate == 0 and scale == 0:
+        return (x - MEAN) / STD
+    n, dev = x.shape[0], x.device
+
+    def uniform(bound: float) -> torch.Tensor:
+        return torch.empty(n, device=dev).uniform_(-bound, bound, generator=generator)
+
+    angle = torch.deg2rad(uniform(rotate))
+    zoom = 1.0 + uniform(scale) if scale else torch.ones(n, device=dev)
+    # The grid maps output pixels to input pixels, so it holds the inverse transform.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    h = x.shape[-1]
+    tx = uniform(translate) * 2 / h if translate else torch.zeros(n, device=dev)
+    ty = uniform(translate) * 2 / h if translate else torch.zeros(n, device=dev)
+    theta = torch.stack([torch.stack([cos, -sin, -tx], 1), torch.stack([sin, cos, -ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    return (x - MEAN) / STD
