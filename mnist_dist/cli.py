@@ -147,18 +147,82 @@ def _train_or_fail(train: Any, cfg: TrainConfig) -> None:
         raise fail(str(e), code=1) from None
 
 
-def _make_train_command() -> Any:
-    def train_command(**options: Any) -> None:
-        run_train(**options)
+def _config_command(run: Any, extra: list[inspect.Parameter], doc: str) -> Any:
+    """A Typer command whose options are every TrainConfig field plus ``extra``."""
 
-    params = [*_config_parameters(), *_LAUNCH_PARAMS]
-    train_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    train_command.__annotations__ = {p.name: p.annotation for p in params}
-    train_command.__doc__ = "Train Net. Options not given come from --preset; --processes/--nodes launch ranks through Accelerate."
-    return train_command
+    def command(**options: Any) -> None:
+        run(**options)
+
+    params = [*_config_parameters(), *extra]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
+
+
+def _make_train_command() -> Any:
+    return _config_command(
+        run_train,
+        _LAUNCH_PARAMS,
+        "Train Net. Options not given come from --preset; --processes/--nodes launch ranks through Accelerate.",
+    )
+
+
+def run_sweep_command(seeds: str, jobs: int, json_path: Path | None, **options: Any) -> None:
+    """Validate, run every seed, print the table and write the JSON."""
+    import json
+
+    import torch
+
+    from mnist_dist.sweep import format_table, run_sweep
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise fail(f"--seeds must be comma-separated integers like 1,2,3; got {seeds!r}") from None
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise fail(f"--seeds must name at least one seed, each once; got {seeds!r}")
+    try:
+        cfg = config_from_options(options)
+        cfg = cfg.replace(name=cfg.name or f"sweep-{cfg.preset}").validate(cuda=torch.cuda.is_available())
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    clashes = [s for s in seed_list if (Path(cfg.output_dir) / f"{cfg.name}-seed{s}").exists()]
+    if clashes:
+        raise fail(f"run folders for seeds {clashes} already exist in {cfg.output_dir}; pick another --name")
+    result = run_sweep(cfg, seed_list, jobs)
+    typer.echo(format_table(result))
+    out = json_path or Path(cfg.output_dir) / f"{cfg.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(f"wrote {out}")
+    if result["failed_seeds"]:
+        raise typer.Exit(1)
+
+
+_SWEEP_PARAMS = [
+    inspect.Parameter(
+        "seeds", inspect.Parameter.KEYWORD_ONLY, default="1,2,3",
+        annotation=Annotated[str, typer.Option(help="Comma-separated training seeds.", rich_help_panel="Sweep")],
+    ),
+    inspect.Parameter(
+        "jobs", inspect.Parameter.KEYWORD_ONLY, default=1,
+        annotation=Annotated[int, typer.Option(min=1, help="Runs at a time (CPU threads are shared among them).", rich_help_panel="Sweep")],
+    ),
+    inspect.Parameter(
+        "json_path", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[Path], typer.Option("--json", help="Where to write the results (default: <output-dir>/<name>.json).", rich_help_panel="Sweep")],  # noqa: UP045
+    ),
+]  # fmt: skip
 
 
 app.command("train")(_make_train_command())
+app.command("sweep")(
+    _config_command(
+        run_sweep_command,
+        _SWEEP_PARAMS,
+        "Train several seeds of a recipe and report final-epoch val/test accuracy: per seed, mean, std, min, max.",
+    )
+)
 
 
 @app.command()

@@ -193,9 +193,12 @@ class ShardedSampler:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=g)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[list[torch.Tensor], int]]:
-        """Yield (this rank's micro-batches, global sample count) for each optimizer step."""
-        perm = self.permutation(epoch)
+    def epoch(
+        self, epoch: int, start_step: int = 0, device: torch.device | None = None
+    ) -> Iterator[tuple[list[torch.Tensor], int]]:
+        """Yield (this rank's micro-batches of indices, global sample count) for each optimizer
+        step. The permutation moves to the device once per epoch, not once per step."""
+        perm = self.permutation(epoch).to(device or "cpu")
         for lo, hi in zip(self._bounds[start_step:-1], self._bounds[start_step + 1 :], strict=True):
             shards = torch.tensor_split(perm[lo:hi], self.world)
             micro = min(self.accum, min(len(s) for s in shards))

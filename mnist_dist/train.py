@@ -10,6 +10,7 @@ setup → data on the device → model → prepare → (resume) → loop → eva
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -140,6 +141,28 @@ def evaluate(
     return result
 
 
+class EMA:
+    """Exponential moving average of the weights and BatchNorm statistics, with the usual warm-up
+    (decay grows as (1+t)/(10+t)) so short runs are not dominated by the initial weights.
+    One fused lerp per step and no host sync (torch's AveragedModel syncs on every update)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.module, self.decay = copy.deepcopy(net), decay
+        pairs = list(zip(self.module.state_dict().values(), net.state_dict().values(), strict=True))
+        self._floats = (
+            [e for e, m in pairs if e.is_floating_point()],
+            [m for e, m in pairs if m.is_floating_point()],
+        )
+        self._counters = [(e, m) for e, m in pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._floats[0], self._floats[1], 1 - d)
+        for e, m in self._counters:
+            e.copy_(m)
+
+
 def build_optimizer(cfg: TrainConfig, params: Any, lr_scale: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -191,13 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Compile the bare module, then let Accelerate wrap it (DDP over a compiled module: pitfall 8).
     model = accelerator.prepare_model(torch.compile(net) if cfg.compile else net)
     optimizer = accelerator.prepare_optimizer(optimizer)
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-        )
-        if cfg.ema
-        else None
-    )
+    ema = EMA(net, cfg.ema) if cfg.ema else None
     eval_net = ema.module if ema is not None else net
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + rank)
     torch.manual_seed(cfg.seed * 1_000 + rank)  # dropout masks differ per rank, reproducibly
@@ -227,10 +244,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for micro_batches, global_n in sampler.epoch(epoch):
+            for micro_batches, global_n in sampler.epoch(epoch, device=device):
                 scale = world / global_n  # DDP averages over ranks: this makes it the global mean
                 for i, idx in enumerate(micro_batches):
-                    idx = idx.to(device, non_blocking=True)
                     x = D.augment(
                         splits["train"].images[idx],
                         aug_gen,
@@ -266,7 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if global_step < total_steps:
                     scheduler.step()
                 if ema is not None:
-                    ema.update_parameters(net)
+                    ema.update(global_step)
                 bar.update(1)
                 if global_step % cfg.log_every == 0:
                     # One host sync every log_every steps, never per step.

@@ -1,0 +1,107 @@
+"""Several training seeds of one recipe, each a full run, summarised honestly: final-epoch
+accuracy (never the best epoch) on validation and test, per seed and as mean/std/min/max.
+
+    mnist-dist sweep --preset default --seeds 1,2,3 --jobs 2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.launch import config_args
+
+STATS = ("val_acc", "test_acc", "wall_seconds")
+
+
+def seed_run_name(base: str, seed: int) -> str:
+    return f"{base}-seed{seed}"
+
+
+def _start(cfg: TrainConfig, seed: int, threads: int | None) -> subprocess.Popen:
+    run = cfg.replace(
+        seed=seed, name=seed_run_name(cfg.name or cfg.preset, seed), threads=threads or cfg.threads
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    log = open(Path(cfg.output_dir) / f"{run.name}.log", "w")  # noqa: SIM115 - closed by the child's exit
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist.train", *config_args(run)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, Any]:
+    """Run one process per seed, at most ``jobs`` at a time; collect each run's summary.json."""
+    import torch
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    cpu_threads = None if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, failed = list(seeds), {}, []
+    start = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            running[seed] = _start(cfg, seed, cpu_threads)
+        for seed, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[seed]
+                if proc.returncode:
+                    failed.append(seed)
+        time.sleep(0.5)
+    rows = []
+    for seed in seeds:
+        path = Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed) / "summary.json"
+        if seed not in failed and path.is_file():
+            s = json.loads(path.read_text())
+            rows.append({"seed": seed, **{k: s[k] for k in (*STATS, "best_epoch", "best_val_acc", "epochs")}})
+    result = {
+        "config": cfg.to_dict(),
+        "seeds": seeds,
+        "failed_seeds": failed,
+        "runs": rows,
+        "stats": aggregate(rows),
+        "sweep_seconds": time.perf_counter() - start,
+    }
+    return result
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in STATS:
+        values = [r[key] for r in rows]
+        if values:
+            out[key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'seed':>6} {'final val':>10} {'test':>8} {'best ep':>8} {'wall s':>8}"]
+    for r in result["runs"]:
+        lines.append(
+            f"{r['seed']:>6} {100 * r['val_acc']:>9.2f}% {100 * r['test_acc']:>7.2f}% "
+            f"{r['best_epoch']:>8} {r['wall_seconds']:>8.1f}"
+        )
+    for stat in ("mean", "std", "min", "max"):
+        st = result["stats"]
+        if "val_acc" in st:
+            lines.append(
+                f"{stat:>6} {100 * st['val_acc'][stat]:>9.2f}% {100 * st['test_acc'][stat]:>7.2f}% "
+                f"{'':>8} {st['wall_seconds'][stat]:>8.1f}"
+            )
+    if result["failed_seeds"]:
+        lines.append(f"FAILED seeds: {result['failed_seeds']} (see the .log files in the output dir)")
+    return "\n".join(lines)
