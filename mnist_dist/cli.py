@@ -2,6 +2,8 @@
 
 mnist-dist train [--preset default] [--processes N] [OPTIONS]
 mnist-dist evaluate runs/<name>/model.safetensors
+mnist-dist report runs/<name>
+mnist-dist bench [--precision bf16] [--compile] [--json bench.json]
 mnist-dist summary
 mnist-dist download --data-dir DIR
 """
@@ -43,6 +45,19 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _number_parser(kind: type) -> Any:
+    """Typer's own message for `--epochs abc` does not repeat the value: this one does."""
+    word = "an integer" if kind is int else "a number"
+
+    def parse(value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not {word}") from None
+
+    return parse
+
+
 def _config_parameters() -> list[inspect.Parameter]:
     """One CLI option per TrainConfig field; None means 'take it from the preset'."""
     base = TrainConfig()
@@ -52,7 +67,11 @@ def _config_parameters() -> list[inspect.Parameter]:
         ref = getattr(base, f.name)
         note = f"(default: {shown}" + (f"; reference preset: {ref})" if ref != shown else ")")
         help_text = f"{f.metadata['help']} {note}" if f.name != "preset" else f.metadata["help"]
-        option = typer.Option(help=help_text, rich_help_panel=f.metadata["panel"], show_default=False)
+        kind = f.type.removesuffix(" | None")
+        parser = _number_parser(_TYPES[kind]) if kind in ("int", "float") else None
+        option = typer.Option(
+            help=help_text, rich_help_panel=f.metadata["panel"], show_default=False, parser=parser
+        )
         annotation = Annotated[_TYPES[f.type] if f.type.endswith("None") else _TYPES[f.type] | None, option]
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
@@ -118,7 +137,8 @@ def run_train(**options: Any) -> None:
     if cfg.name is None:
         cfg = cfg.replace(name=default_run_name(cfg))
     run_dir = Path(cfg.output_dir) / cfg.name
-    if run_dir.exists() and cfg.resume is None:
+    # Only node 0 checks: on other nodes, node 0's rank 0 may already have created the folder.
+    if launch["node_rank"] == 0 and run_dir.exists() and cfg.resume is None:
         raise fail(
             f"run folder {run_dir} already exists; pick another --name, or --resume auto to continue it"
         )
@@ -129,19 +149,31 @@ def run_train(**options: Any) -> None:
     if world == 1:
         _train_or_fail(train, cfg)
         return
+    from mnist_dist.checkpoint import PREEMPTED_EXIT
     from mnist_dist.launch import launch as launch_ranks
 
     code = launch_ranks(cfg, **launch)
+    if code == PREEMPTED_EXIT:
+        typer.secho(
+            f"preempted: the ranks saved a checkpoint and stopped (exit code {code}); "
+            "the same command with --resume auto continues the run",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(code)
     if code:
         raise fail(f"training failed: a rank exited with code {code} (its error is shown above)", code=code)
 
 
 def _train_or_fail(train: Any, cfg: TrainConfig) -> None:
+    from mnist_dist.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
     from mnist_dist.data import DataError
 
     try:
         train(cfg)
-    except ConfigError as e:
+    except Preempted:  # the main process already said where the checkpoint is
+        raise typer.Exit(PREEMPTED_EXIT) from None
+    except (ConfigError, CheckpointError) as e:
         raise fail(str(e)) from None
     except DataError as e:
         raise fail(str(e), code=1) from None
@@ -279,6 +311,97 @@ def evaluate(
         f"val  {100 * result['val_acc']:.2f}%  ({result['val_count']:,} images, split seed {split_seed})"
     )
     typer.echo(f"test {100 * result['test_acc']:.2f}%  ({result['test_count']:,} images)")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds metrics.jsonl).")],
+) -> None:
+    """Draw a run's pictures again (curves, confusion matrix, misclassified digits) from its files."""
+    from mnist_dist.plots import RunFilesError, render_run
+
+    if not run_dir.is_dir():
+        raise fail(f"run folder {run_dir} does not exist or is not a directory")
+    try:
+        written, skipped = render_run(run_dir)
+    except RunFilesError as e:
+        raise fail(str(e)) from None
+    for path in written:
+        typer.echo(f"wrote {path}")
+    for reason in skipped:
+        typer.echo(f"skipped {reason}")
+
+
+@app.command()
+def bench(
+    preset: Annotated[
+        str, typer.Option(help="Recipe timed and projected: reference, default or fast.")
+    ] = "reference",
+    precision: Annotated[
+        str | None, typer.Option(help="no, bf16 or fp16 (GPU only) (default: the preset's).")
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the model (default: the preset's)."),
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last", help="channels_last memory format (default: the preset's)."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the preset's).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
+    max_train_samples: Annotated[
+        int, typer.Option(min=1, max=50_000, help="Training samples the loop runs over.")
+    ] = 10_240,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Timed epochs of the loop, after one warm-up epoch.")
+    ] = 2,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Timed steps of bare step and conventional pipeline (default: the loop's)."),
+    ] = None,
+    warmup_steps: Annotated[
+        int, typer.Option(min=1, help="Untimed steps before bare and conventional timings.")
+    ] = 10,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Interleaved rounds of all measurements; medians are reported.")
+    ] = 3,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="DataLoader workers of the conventional pipeline (default: min(4, cores))."),
+    ] = None,
+    conventional: Annotated[
+        bool, typer.Option("--conventional/--no-conventional", help="Also time the conventional pipeline.")
+    ] = True,
+    data_dir: Annotated[Path | None, typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write every number as JSON.")] = Path(
+        "bench.json"
+    ),
+) -> None:
+    """Time the training loop against the bare model step (its ceiling) and the conventional pipeline."""
+    import shlex
+
+    from mnist_dist import data as D
+    from mnist_dist.bench import BenchOptions, format_table, run_bench, write_json
+
+    opts = BenchOptions(
+        preset=preset, precision=precision, compile=compile, channels_last=channels_last,
+        batch_size=batch_size, threads=threads, max_train_samples=max_train_samples, epochs=epochs,
+        steps=steps, warmup_steps=warmup_steps, rounds=rounds, workers=workers,
+        conventional=conventional, data_dir=str(data_dir) if data_dir else None,
+    )  # fmt: skip
+    try:
+        opts.train_config("runs", "bench")
+        result = run_bench(opts, command=shlex.join(["mnist-dist", *sys.argv[1:]]))
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    except D.DataError as e:
+        raise fail(str(e), code=1) from None
+    typer.echo(format_table(result))
+    write_json(result, json_path)
+    typer.echo(f"wrote {json_path}")
 
 
 def train_entry() -> None:

@@ -17,6 +17,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
 INTERPOLATIONS = ("nearest", "bilinear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+MODEL_NAMES = ("net", "net_wide", "net_wider")  # mnist_dist.model.MODELS
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,9 @@ class TrainConfig:
 
     preset: str = _opt("default", "Recipe preset: reference, default or fast.", "Run")
     # --- recipe ---
+    model: str = _opt(
+        "net", "Model: net (the reference design, 8,440 params), net_wide (18,708) or net_wider (19,616)."
+    )
     epochs: int = _opt(19, "Training epochs.")
     batch_size: int = _opt(128, "Batch size per process.")
     global_batch_size: int | None = _opt(
@@ -88,7 +92,14 @@ class TrainConfig:
     )
     keep_checkpoints: int = _opt(2, "Checkpoints kept in the run folder.", "Checkpoint")
     resume: str | None = _opt(
-        None, "'auto' (newest valid checkpoint of the run) or a checkpoint path.", "Checkpoint"
+        None,
+        "'auto' (newest valid checkpoint of the run folder; none yet: start) or a checkpoint folder.",
+        "Checkpoint",
+    )
+    requeue: bool = _opt(
+        False,
+        "On SIGTERM/SIGUSR1 under SLURM: after the checkpoint, `scontrol requeue $SLURM_JOB_ID`.",
+        "Checkpoint",
     )
     deterministic: bool = _opt(False, "Deterministic algorithms (bit-exact resume on CPU).", "Run")
 
@@ -164,6 +175,7 @@ class TrainConfig:
         if not 0 <= self.scale < 1:
             raise ConfigError(f"--scale must be in [0, 1), got {self.scale}")
         _choice(self.preset, PRESET_NAMES, "--preset")
+        _choice(self.model, MODEL_NAMES, "--model")
         _choice(self.precision, PRECISIONS, "--precision")
         _choice(self.optimizer, OPTIMIZERS, "--optimizer")
         _choice(self.interpolation, INTERPOLATIONS, "--interpolation")
@@ -198,8 +210,13 @@ def reference() -> TrainConfig:
 
 
 def default() -> TrainConfig:
-    """The recipe this harness recommends for Net (see docs/accuracy.md for how it was chosen)."""
-    return TrainConfig(preset="default", max_lr=1e-2, translate=2.0, interpolation="bilinear", ema=0.999)
+    """The recommended recipe: ≥99.40% final-epoch validation accuracy on every seed measured.
+
+    Net itself plateaus near 99.3% on the validation split whatever the recipe (docs/accuracy.md),
+    so the default trains net_wider (19,616 parameters, same layout, BN/Dropout/GAP) with ±2 px
+    translation on top of the ±7° rotation, OneCycle peak 1e-2 and an EMA of the weights.
+    """
+    return TrainConfig(preset="default", model="net_wider", max_lr=1e-2, translate=2.0, ema=0.999)
 
 
 def fast() -> TrainConfig:

@@ -45,8 +45,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        key = key.removeprefix(prefix)
+    """Remove wrapper prefixes in any nesting (DDP over a compiled module: module._orig_mod.)."""
+    while key.startswith(_PREFIXES):
+        key = key.split(".", 1)[1]
     return key
 
 

@@ -26,10 +26,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from accelerate.utils import tqdm as progress
 
+from mnist_dist import checkpoint as C
 from mnist_dist import data as D
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir
-from mnist_dist.model import Net, count_parameters
-from mnist_dist.tracking import make_tracker
+from mnist_dist.model import build_model, count_parameters
+from mnist_dist.tracking import make_tracker, wandb_log_with
 
 EXPECTED_WORLD_ENV = "MNIST_DIST_EXPECTED_WORLD"
 TRACE_ENV = "MNIST_DIST_TRACE_DIR"  # test instrumentation: per-rank indices and LRs
@@ -40,11 +41,13 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """cpu=True without a GPU: otherwise gloo ranks each believe they are alone (GUIDE pitfall 4)."""
+    """cpu=True without a GPU: otherwise gloo ranks each believe they are alone (GUIDE pitfall 4).
+    wandb (when on) is started later by the main process's tracker, with dir=<run folder>."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.precision,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        log_with=wandb_log_with(cfg),
     )
 
 
@@ -192,11 +195,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sampler = D.ShardedSampler(len(splits["train"]), batch, world, rank, cfg.seed, cfg.grad_accum)
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.pct_start * total_steps == 1:  # OneCycleLR divides by zero on a one-step warm-up
+        raise ConfigError(
+            f"--pct-start {cfg.pct_start} of {total_steps} steps is a one-step warm-up, which "
+            "OneCycleLR cannot schedule; change --pct-start, --epochs or --max-train-samples"
+        )
     run_dir = resolve_run_dir(cfg, accelerator)
 
     # --- model, optimizer, schedule. The scheduler is NOT prepared: we step it exactly once per
     # optimizer step on every rank, sized by the true number of steps (GUIDE pitfall 1).
-    net = Net().to(device)
+    net = build_model(cfg.model).to(device)
     if cfg.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if cfg.channels_last:
@@ -219,6 +227,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + rank)
     torch.manual_seed(cfg.seed * 1_000 + rank)  # dropout masks differ per rank, reproducibly
 
+    # --- resume: weights, optimizer, schedule, EMA, RNG streams, position and the epoch's running
+    # sums come back exactly, so the run continues as if it had never stopped (checkpoint.py).
+    checkpointer = C.Checkpointer(
+        accelerator,
+        cfg,
+        run_dir,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema.module if ema is not None else None,
+        aug_gen=aug_gen,
+        steps_per_epoch=steps_per_epoch,
+    )
+    resumed, resumed_meters = C.RunState(), C.new_meters(device)
+    resume_from = checkpointer.resolve(cfg.resume) if cfg.resume else None
+    if resume_from is not None:
+        resumed, resumed_meters = checkpointer.load(resume_from)
+    if cfg.resume and accelerator.is_main_process:
+        C.trim_metrics(run_dir / "metrics.jsonl", resumed)
+
     tracker = make_tracker(accelerator, cfg, run_dir)
     trace: dict[str, Any] = {"rank": rank, "world": world, "indices": [], "lr": []}
     tracing = bool(os.environ.get(TRACE_ENV))
@@ -228,23 +256,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"precision {cfg.precision}, {len(splits['train']):,} train samples, batch {batch}/process, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, run folder {run_dir}"
     )
+    if resume_from is not None:
+        tracker.print(f"resumed from {resume_from} (step {resumed.global_step} of {total_steps})")
+    elif cfg.resume:
+        tracker.print("no checkpoint to resume from yet: starting from step 0")
 
-    history: list[dict[str, Any]] = []
-    train_seconds, train_images = 0.0, 0
-    global_step = 0
+    history, global_step = resumed.history, resumed.global_step
+    train_seconds, train_images = resumed.train_seconds, resumed.train_images
+
+    def position(epoch: int, step: int, epoch_seconds: float) -> C.RunState:
+        """The run's state for a checkpoint taken after `step` steps of `epoch`."""
+        return C.RunState(epoch, step, global_step, history, train_seconds, train_images, epoch_seconds)
+
     wall_start = time.perf_counter()
-    bar = progress(total=total_steps, desc="train", dynamic_ncols=True)
+    watch = C.PreemptionWatch(accelerator)
+    bar = progress(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(resumed.epoch, cfg.epochs):
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            window_loss = torch.zeros((), device=device)
+            first = epoch == resumed.epoch  # a resumed epoch continues from its saved step and sums
+            meters = resumed_meters if first else C.new_meters(device)
+            loss_sum, correct, seen, window_loss = (
+                meters[k] for k in ("loss_sum", "correct", "seen", "window_loss")
+            )
+            start = resumed.step_in_epoch if first else 0
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for micro_batches, global_n in sampler.epoch(epoch, device=device):
+            t0 = time.perf_counter() - (resumed.epoch_seconds if first else 0.0)
+            for step, (micro_batches, global_n) in enumerate(sampler.epoch(epoch, start, device), start + 1):
                 scale = world / global_n  # DDP averages over ranks: this makes it the global mean
                 for i, idx in enumerate(micro_batches):
                     x = D.augment(
@@ -288,8 +327,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     # One host sync every log_every steps, never per step.
                     step_loss = window_loss.item() / max(1, cfg.log_every * global_n / world)
                     window_loss.zero_()
-                    tracker.log_step(global_step, {"train/loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+                    tracker.log_step(
+                        global_step,
+                        {
+                            "train/loss": step_loss,
+                            "lr": scheduler.get_last_lr()[0],
+                            "epoch": global_step / steps_per_epoch,
+                        },
+                    )
                     bar.set_postfix(loss=f"{step_loss:.4f}")
+                # Step boundary: stop here on SIGTERM/SIGUSR1 (all ranks agree), or checkpoint.
+                end_of_epoch = step == steps_per_epoch
+                if watch.should_stop(global_step, boundary=end_of_epoch):
+                    here = position(epoch, step, time.perf_counter() - t0)
+                    raise watch.preempted(checkpointer.save(here, meters, "preempted"), cfg)
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    checkpointer.save(position(epoch, step, time.perf_counter() - t0), meters, "step")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds = time.perf_counter() - t0
@@ -298,7 +351,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 [
                     loss_sum.double(),
                     correct.double(),
-                    torch.tensor(float(seen), device=device, dtype=torch.float64),
+                    seen.double(),
                 ]
             )
             if world > 1:
@@ -320,6 +373,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             }
             history.append(record)
             tracker.log_epoch(epoch + 1, record)
+            checkpointer.save(position(epoch + 1, 0, 0.0), C.new_meters(device), "epoch")
         bar.close()
 
         sync_from_rank0(eval_net, accelerator)
@@ -354,7 +408,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             save_weights(eval_net, run_dir / "model.safetensors")
         tracker.finish(
-            summary, {"val_predictions": val.get("predictions"), "val_labels": splits["val"].labels.cpu()}
+            summary,
+            {
+                "val_predictions": val.get("predictions"),
+                "val_labels": splits["val"].labels.cpu(),
+                "val_images": splits["val"].images,  # the tracker copies only the misclassified ones
+            },
         )
         tracker.print(
             f"done: val {100 * summary['val_acc']:.2f}%  test {100 * summary['test_acc']:.2f}%  "
@@ -366,6 +425,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         return summary
     finally:
+        watch.close()
         tracker.close()
         accelerator.end_training()
 

@@ -17,9 +17,11 @@ from mnist_dist.config import default_data_dir
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = default_data_dir()
-    missing = D.missing_files(root)
-    if missing:
-        pytest.fail(f"MNIST files missing in {D.raw_dir(root)} ({missing}): run `mnist-dist download` first")
+    if D.missing_files(root):
+        try:  # a user's machine: downloaded once into the cache
+            D.download(root)
+        except D.DataError as e:
+            pytest.fail(f"the tests need MNIST: {e}")
     return root
 
 

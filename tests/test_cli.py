@@ -1,0 +1,100 @@
+"""Every value a user can get wrong is refused before any work, with exit code 2, a message that
+names the value and what is allowed, no traceback and no run folder left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mnist_dist.cli import app
+from mnist_dist.config import ConfigError, TrainConfig, from_preset, reference
+
+from .conftest import cli
+
+BAD = [
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--batch-size", "abc"], "Invalid value for '--batch-size': 'abc' is not an integer"),
+    (["--precision", "fp8"], "--precision must be one of no, bf16, fp16; got 'fp8'"),
+    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--max-lr", "-1"], "--max-lr must be > 0, got -1.0"),
+    (["--pct-start", "1.0"], "--pct-start must be strictly between 0 and 1, got 1.0"),
+    (["--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
+    (["--preset", "best"], "--preset must be one of reference, default, fast; got 'best'"),
+    (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
+    (["--max-train-samples", "60000"], "--max-train-samples must be <= 50000"),
+    (["--processes", "2", "--global-batch-size", "255"], "must be a multiple of processes x grad-accum"),
+    (["--nodes", "2", "--node-rank", "2", "--main-port", "29511"], "--node-rank must be in 0..1, got 2"),
+    (["--nodes", "2"], "--main-port is required with --nodes > 1"),
+]
+
+
+def flat(text: str) -> str:
+    """Typer's error panel wraps lines in box characters: compare the words alone."""
+    return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_are_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["train", "--output-dir", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_refusal_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    result = cli("train", "--epochs", "-3", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--epochs must be a positive integer, got -3" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["train", "--output-dir", str(tmp_path), "--name", "exp"])
+    assert result.exit_code == 2
+    assert "already exists" in result.output
+    assert (tmp_path / "exp" / "keep.txt").read_text() == "mine"
+
+
+def test_presets_are_config_objects_and_reference_is_the_reference_recipe() -> None:
+    ref = reference()
+    assert (ref.model, ref.epochs, ref.batch_size, ref.optimizer) == ("net", 19, 128, "adam")
+    assert (ref.lr, ref.max_lr, ref.pct_start, ref.weight_decay) == (5e-4, 5e-3, 0.2, 1e-4)
+    assert (ref.rotate, ref.translate, ref.scale, ref.interpolation, ref.ema) == (
+        7.0,
+        0.0,
+        0.0,
+        "nearest",
+        0.0,
+    )
+    assert (ref.label_smoothing, ref.precision) == (0.0, "no")
+    assert from_preset("reference", epochs=3).epochs == 3
+    assert from_preset("default", epochs=None) == from_preset("default")
+    assert TrainConfig.from_dict(ref.to_dict()) == ref
+    with pytest.raises(ConfigError):
+        from_preset("nope")
+
+
+def test_train_entry_points_share_the_same_options() -> None:
+    a = cli("train", "--help", env={"COLUMNS": "200"})
+    b = __import__("subprocess").run(
+        [__import__("sys").executable, "-m", "mnist_dist.train", "--help"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+    assert a.returncode == 0 and b.returncode == 0, b.stderr
+
+    def options(text: str) -> set[str]:
+        return {w.strip("│,") for w in text.split() if w.startswith("--")}
+
+    assert options(a.stdout) == options(b.stdout)
+    assert {"--epochs", "--max-train-samples", "--processes", "--preset", "--precision"} <= options(a.stdout)
