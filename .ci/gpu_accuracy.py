@@ -62,7 +62,9 @@ def main() -> None:
     runs.mkdir(exist_ok=True)
     queue = [(name, seed) for seed in seeds for name in names]
     if a.jobs_file:
-        plan = {n: [int(x) for x in ss.split(",")] for n, ss in (e.split(":") for e in a.jobs_file.split(";"))}
+        plan = {
+            n: [int(x) for x in ss.split(",")] for n, ss in (e.split(":") for e in a.jobs_file.split(";"))
+        }
         names, seeds = list(plan), sorted({s for ss in plan.values() for s in ss})
         queue = [(n, s) for s in seeds for n in names if s in plan[n]]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
@@ -92,10 +94,18 @@ def main() -> None:
             f = runs / f"{name}-seed{seed}" / "summary.json"
             if f.is_file():
                 s = json.loads(f.read_text())
-                rows.append({"seed": seed, **{k: s[k] for k in ("val_acc", "test_acc", "wall_seconds", "best_epoch")}})
+                rows.append(
+                    {"seed": seed, **{k: s[k] for k in ("val_acc", "test_acc", "wall_seconds", "best_epoch")}}
+                )
         results[name] = {"args": RECIPES[name], "runs": rows, "stats": aggregate(rows)}
     device = os.popen("nvidia-smi --query-gpu=name --format=csv,noheader").read().strip()
-    out = {"device": device, "jobs": a.jobs, "budget_s": a.budget, "durations_s": durations, "recipes": results}
+    out = {
+        "device": device,
+        "jobs": a.jobs,
+        "budget_s": a.budget,
+        "durations_s": durations,
+        "recipes": results,
+    }
     Path(a.out).write_text(json.dumps(out, indent=2))
     for name, r in results.items():
         st = r["stats"]

@@ -2,7 +2,7 @@
 # Train on this machine: one process per visible GPU, or one CPU process when there is no GPU.
 #
 #   launch/train.sh [mnist-dist train options]     all visible GPUs (or the CPU)
-#   GPUS=1 launch/train.sh --preset fast            one GPU
+#   GPUS=1 launch/train.sh --preset reference            one GPU
 #   CUDA_VISIBLE_DEVICES=2,3 launch/train.sh        these two GPUs
 #   CUDA_VISIBLE_DEVICES= launch/train.sh           the CPU, even where there are GPUs
 #   PROCESSES=2 launch/train.sh                     force the process count (e.g. 2 CPU ranks)

@@ -32,7 +32,7 @@ def _opt(default: Any, help: str, panel: str = "Recipe", **extra: Any) -> Any:
 class TrainConfig:
     """Everything a run needs. Defaults are the reference recipe; presets derive from it."""
 
-    preset: str = _opt("default", "Recipe preset: reference, default or fast.", "Run")
+    preset: str = _opt("default", "Recipe preset: default or reference.", "Run")
     # --- recipe ---
     model: str = _opt(
         "net", "Model: net (the reference design, 8,440 params), net_wide (18,708) or net_wider (19,616)."
@@ -219,12 +219,7 @@ def default() -> TrainConfig:
     return TrainConfig(preset="default", model="net_wider", max_lr=1e-2, translate=2.0, ema=0.999)
 
 
-def fast() -> TrainConfig:
-    """Fewest seconds to >=99.4% on one GPU (see docs/benchmarks.md)."""
-    return default().replace(preset="fast", epochs=12, batch_size=256)
-
-
-PRESETS = {"reference": reference, "default": default, "fast": fast}
+PRESETS = {"reference": reference, "default": default}
 PRESET_NAMES = tuple(PRESETS)
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +59,16 @@ def check_world_size(accelerator: Accelerator) -> None:
         raise RuntimeError(
             f"asked for {asked} processes but this run has world size {accelerator.num_processes} "
             f"({accelerator.distributed_type}); refusing to run fewer ranks than asked"
+        )
+    if (
+        os.environ.get("ACCELERATE_USE_CPU")
+        and "WORLD_SIZE" not in os.environ
+        and "MASTER_ADDR" in os.environ
+    ):
+        warnings.warn(
+            "`accelerate launch --cpu` starts ONE process whatever --num_processes says; for N CPU "
+            "ranks use `mnist-dist train --processes N` or `accelerate launch --multi_gpu`",
+            stacklevel=1,
         )
 
 

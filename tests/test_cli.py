@@ -23,7 +23,7 @@ BAD = [
     (["--max-lr", "-1"], "--max-lr must be > 0, got -1.0"),
     (["--pct-start", "1.0"], "--pct-start must be strictly between 0 and 1, got 1.0"),
     (["--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
-    (["--preset", "best"], "--preset must be one of reference, default, fast; got 'best'"),
+    (["--preset", "best"], "--preset must be one of reference, default; got 'best'"),
     (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
     (["--max-train-samples", "60000"], "--max-train-samples must be <= 50000"),
     (["--processes", "2", "--global-batch-size", "255"], "must be a multiple of processes x grad-accum"),

@@ -86,7 +86,9 @@ def test_train_sh_starts_one_process_per_visible_gpu(env: dict[str, str], proces
         timeout=30,
         check=True,
     )
-    assert done.stdout.strip() == f"mnist-dist train --processes {processes} --preset fast --name my\\ run"
+    assert (
+        done.stdout.strip() == f"mnist-dist train --processes {processes} --preset reference --name my\\ run"
+    )
 
 
 # ---------------------------------------------------------------------- SLURM, end to end
