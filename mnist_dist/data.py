@@ -8,12 +8,14 @@ beside the user's files, a read-only data directory works, and N ranks reading a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +54,31 @@ def download(root: Path) -> Path:
 
     The lock makes N processes starting at once wait for one download instead of racing on it.
     """
-    from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import download_url
-
     raw = raw_dir(root)
+    created = [p for p in (raw, *raw.parents) if not p.exists()][::-1]  # outermost first
     try:
         raw.mkdir(parents=True, exist_ok=True)
         lock = open(raw / ".download.lock", "w")  # noqa: SIM115 - held for the whole download
     except OSError as e:
         raise DataError(f"cannot create {raw} to download MNIST into: {e}") from None
+    try:
+        _download_locked(lock, raw, root)
+    except DataError:
+        for folder in reversed(created):  # leave nothing behind a failed download
+            (folder / ".download.lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        lock.close()
+        (raw / ".download.lock").unlink(missing_ok=True)
+    return raw
+
+
+def _download_locked(lock: IO[str], raw: Path, root: Path) -> None:
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import download_url
+
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         md5s = _resources()
@@ -79,7 +97,6 @@ def download(root: Path) -> Path:
                     "data on a connected machine with `mnist-dist download --data-dir DIR` and point "
                     "--data-dir or MNIST_DATA_DIR at DIR."
                 )
-    return raw
 
 
 def _read_idx(path: Path, md5: str) -> torch.Tensor:

@@ -145,3 +145,16 @@ def test_augmentation_draws_a_fresh_angle_per_image_and_fills_zero() -> None:
     assert torch.equal(out, same)  # reproducible from the generator
     shifted = D.augment(images, torch.Generator().manual_seed(1), rotate=0.0, translate=2.0)
     assert not torch.equal(shifted, plain)
+
+
+def test_failed_download_names_the_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import MNIST
+
+    from mnist_dist.launch import free_port
+
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/"])  # nobody listens there
+    with pytest.raises(D.DataError, match=r"could not download train-images-idx3-ubyte\.gz .* Offline\?"):
+        D.load_mnist(tmp_path / "new" / "root")
+    assert list(tmp_path.iterdir()) == []
