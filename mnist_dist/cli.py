@@ -335,7 +335,7 @@ def report(
 @app.command()
 def bench(
     preset: Annotated[
-        str, typer.Option(help="Recipe timed and projected: reference, default or fast.")
+        str, typer.Option(help="Recipe timed and projected: reference or default.")
     ] = "reference",
     precision: Annotated[
         str | None, typer.Option(help="no, bf16 or fp16 (GPU only) (default: the preset's).")

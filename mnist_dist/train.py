@@ -294,6 +294,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter() - (resumed.epoch_seconds if first else 0.0)
+            cpu0 = time.process_time()
             for step, (micro_batches, global_n) in enumerate(sampler.epoch(epoch, start, device), start + 1):
                 scale = world / global_n  # DDP averages over ranks: this makes it the global mean
                 for i, idx in enumerate(micro_batches):
@@ -357,6 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds = time.perf_counter() - t0
+            epoch_cpu_seconds = time.process_time() - cpu0
             train_seconds += epoch_seconds
             counts = torch.stack(
                 [
@@ -380,6 +382,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "val_count": val["count"],
                 "epoch_seconds": epoch_seconds,
                 "images_per_second": tn / epoch_seconds,
+                # CPU seconds of this process (all threads; since the resume in a resumed epoch):
+                # unlike wall time, not inflated by other work sharing the machine (mnist-dist bench).
+                "epoch_cpu_seconds": epoch_cpu_seconds,
                 "lr": optimizer.param_groups[0]["lr"],
             }
             history.append(record)

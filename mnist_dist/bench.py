@@ -1,0 +1,445 @@
+"""``mnist-dist bench``: how fast the training loop runs, against its ceiling and the conventional pipeline.
+
+    mnist-dist bench [--preset reference] [--precision bf16] [--compile] [--channels-last] [--json bench.json]
+
+Three measurements of the same model step (Net, same optimizer, batch, precision and speed options), taken
+in one process and interleaved round by round, so a machine whose speed drifts moves all three alike:
+
+- loop: the real ``mnist_dist.train.train`` on a slice of the training split, in a temporary run folder.
+  Its first epoch is warm-up (and compilation); images/s come from the later epochs' own timings
+  (``metrics.jsonl``), which leave out evaluation.
+- bare: forward, backward and optimizer step over batches gathered and augmented in advance on the
+  device — no sampling, augmentation, scheduler or bookkeeping. The ceiling the loop is held against.
+- conventional: torchvision's MNIST dataset, a DataLoader with workers, PIL ``RandomRotation((-7, 7),
+  fill=(0,))``, ``ToTensor`` and ``Normalize``, feeding the same model step. The baseline to beat.
+
+On a GPU every interval is measured with CUDA events around the queued work (the loop's epochs are
+bracketed by ``torch.cuda.synchronize`` in ``train``). Warm-up is timed and reported apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mnist_dist import data as D
+from mnist_dist.config import TrainConfig, default_data_dir, from_preset
+from mnist_dist.model import build_model
+
+Step = Callable[[torch.Tensor, torch.Tensor], None]
+Chunk = tuple[float, float | None, int]  # wall seconds, CPU seconds (None: not known), images
+# The config fields that decide a step's cost, recorded with every result.
+REPORTED_FIELDS = (
+    "preset", "model", "precision", "compile", "channels_last", "batch_size", "optimizer",
+    "rotate", "translate", "scale", "interpolation", "ema",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to time. Model and speed options not given come from the preset, as in ``train``."""
+
+    preset: str = "reference"
+    precision: str | None = None
+    compile: bool | None = None
+    channels_last: bool | None = None
+    batch_size: int | None = None
+    threads: int | None = None
+    max_train_samples: int = 10_240
+    epochs: int = 2  # timed epochs of the loop, after one warm-up epoch
+    steps: int | None = None  # timed steps of bare and conventional (default: the loop's timed steps)
+    warmup_steps: int = 10
+    rounds: int = 3
+    workers: int | None = None  # conventional DataLoader workers (default: min(4, cores))
+    conventional: bool = True
+    data_dir: str | None = None
+
+    def train_config(self, output_dir: str, name: str) -> TrainConfig:
+        """The config the loop runs with; bare and conventional read their options from it too."""
+        cfg = from_preset(
+            self.preset,
+            precision=self.precision,
+            compile=self.compile,
+            channels_last=self.channels_last,
+            batch_size=self.batch_size,
+            threads=self.threads or os.cpu_count() or 1,
+            max_train_samples=self.max_train_samples,
+            epochs=1 + self.epochs,
+            data_dir=self.data_dir,
+            output_dir=output_dir,
+            name=name,
+            wandb="disabled",
+        )
+        return cfg.validate(world_size=1, cuda=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------- timing
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall seconds fn takes (on a GPU the span of its queued work, by CUDA events) and the CPU
+    seconds this process spent meanwhile (all threads)."""
+    cpu0 = time.process_time()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - cpu0
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000, time.process_time() - cpu0
+
+
+def model_step(cfg: TrainConfig, device: torch.device) -> Step:
+    """A fresh model's forward/backward/optimizer step with the loop's optimizer, precision and options."""
+    from mnist_dist.train import build_optimizer
+
+    net = build_model(cfg.model).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if cfg.compile else net
+    model.train()
+    optimizer = build_optimizer(cfg, net.parameters(), 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "no"):
+            out = model(x)
+        loss = F.nll_loss(out.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ---------------------------------------------------------------------- the three measurements
+def summarize(chunks: list[Chunk], warmup_seconds: float, **extra: Any) -> dict[str, Any]:
+    """Totals of (wall seconds, CPU seconds, images) chunks of about an epoch each, and the best chunk.
+
+    On a machine shared with other work, wall time stretches whenever this process waits for a core;
+    the fastest chunk is the least disturbed one, and CPU seconds (where known) do not count waiting.
+    """
+    seconds, images = sum(c[0] for c in chunks), sum(c[2] for c in chunks)
+    cpu = None if any(c[1] is None for c in chunks) else sum(c[1] or 0.0 for c in chunks)
+    rates = [n / s for s, _, n in chunks]
+    return {
+        "images_per_second": images / seconds,
+        "best_images_per_second": max(rates),
+        "images_per_cpu_second": images / cpu if cpu else None,
+        "chunk_images_per_second": rates,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "images": images,
+        "warmup_seconds": warmup_seconds,
+        **extra,
+    }
+
+
+def bench_bare(cfg: TrainConfig, split: D.DeviceSplit, steps: int, chunk: int, warmup: int) -> dict[str, Any]:
+    """The ceiling: the model step alone over one epoch's batches, gathered and augmented beforehand."""
+    device = split.images.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    batches = []
+    for idx in order.split(cfg.batch_size):
+        x = D.augment(split.images[idx], gen, cfg.rotate, cfg.translate, cfg.scale, cfg.interpolation)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batches.append((x, split.labels[idx]))
+    step = model_step(cfg, device)
+    # Warm-up sees every batch shape the timed steps will (a short last batch compiles apart).
+    warm = batches[:warmup] + batches[-1:]
+
+    def run(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+        def go() -> None:
+            for x, y in plan:
+                step(x, y)
+
+        return go
+
+    warmup_seconds, _ = timed(run(warm), device)
+    plan = [batches[i % len(batches)] for i in range(steps)]
+    chunks = [plan[i : i + chunk] for i in range(0, steps, chunk)]
+    return summarize([(*timed(run(c), device), sum(len(y) for _, y in c)) for c in chunks], warmup_seconds)
+
+
+def bench_loop(opts: BenchOptions, out_dir: Path, name: str) -> dict[str, Any]:
+    """The real training loop: ``train`` itself on the slice; epoch 1 is warm-up, the rest are timed."""
+    from mnist_dist.tracking import read_metrics
+    from mnist_dist.train import train
+
+    cfg = opts.train_config(str(out_dir), name)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            summary = train(cfg)
+    except BaseException:
+        sys.stderr.write(log.getvalue())
+        raise
+    epochs = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("kind") == "epoch"]
+    chunks = [
+        (r["epoch_seconds"], r["epoch_cpu_seconds"], round(r["images_per_second"] * r["epoch_seconds"]))
+        for r in epochs
+    ]
+    steady = statistics.median(c[0] for c in chunks[1:])
+    # Warm-up: what the first epoch costs beyond a steady one (start-up, autotuning, compilation).
+    return summarize(chunks[1:], max(0.0, chunks[0][0] - steady), val_acc=summary["val_acc"])
+
+
+@contextlib.contextmanager
+def torchvision_root(data_root: Path) -> Iterator[Path]:
+    """A writable root for torchvision's MNIST: links to the verified .gz files, which it extracts
+    beside the links — never into the user's (possibly read-only) data directory."""
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-tv-") as tmp:
+        raw = D.raw_dir(Path(tmp))
+        raw.mkdir(parents=True)
+        for name in D.missing_files(Path(tmp)):
+            (raw / name).symlink_to((D.raw_dir(data_root) / name).resolve())
+        yield Path(tmp)
+
+
+def bench_conventional(
+    cfg: TrainConfig, root: Path, device: torch.device, steps: int, chunk: int, warmup: int, workers: int
+) -> dict[str, Any]:
+    """The baseline: per-sample PIL augmentation in DataLoader workers, batches copied to the device."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomRotation((-7.0, 7.0), fill=(0,)),
+            transforms.ToTensor(),
+            transforms.Normalize((D.MEAN,), (D.STD,)),
+        ]
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # torchvision announces its extraction
+        dataset = datasets.MNIST(str(root), train=True, download=True, transform=transform)
+    train_idx, _ = D.split_indices(cfg.split_seed)
+    loader = DataLoader(
+        Subset(dataset, train_idx[: cfg.max_train_samples].tolist()),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    step = model_step(cfg, device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from loader
+
+    stream = batches()
+    counted: list[int] = []  # images of each run, warm-up first
+
+    def run(n: int) -> Callable[[], None]:
+        def go() -> None:
+            images = 0
+            for _ in range(n):
+                x, y = next(stream)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                step(x, y)
+                images += len(y)
+            counted.append(images)
+
+        return go
+
+    warmup_seconds, _ = timed(run(warmup), device)  # includes starting the workers
+    seconds = [timed(run(min(chunk, steps - i)), device)[0] for i in range(0, steps, chunk)]
+    # Its workers' CPU time is not this process's: no CPU-time figure for this pipeline.
+    return summarize([(s, None, n) for s, n in zip(seconds, counted[1:], strict=True)], warmup_seconds)
+
+
+# ---------------------------------------------------------------------- the whole benchmark
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
+    """Time loop, bare step and conventional pipeline in interleaved rounds; return every number."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
+        cfg = opts.train_config(tmp, "check")
+        threads = cfg.threads or 1
+        data_root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+        splits = D.device_splits(D.load_mnist(data_root), cfg.split_seed, device, cfg.max_train_samples)
+        split = splits["train"]
+        steps_per_epoch = -(-len(split) // cfg.batch_size)
+        steps = opts.steps or opts.epochs * steps_per_epoch
+        workers = opts.workers if opts.workers is not None else min(4, os.cpu_count() or 1)
+        kinds = ["loop", "bare"] + (["conventional"] if opts.conventional else [])
+        rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+        with torchvision_root(data_root) as tv_root:
+
+            def measure(kind: str, r: int) -> dict[str, Any]:
+                if kind == "loop":
+                    return bench_loop(opts, Path(tmp), f"loop-{r}")
+                torch.set_num_threads(threads)  # what train() sets for itself
+                if kind == "bare":
+                    return bench_bare(cfg, split, steps, steps_per_epoch, opts.warmup_steps)
+                return bench_conventional(
+                    cfg, tv_root, device, steps, steps_per_epoch, opts.warmup_steps, workers
+                )
+
+            for r in range(opts.rounds):
+                # The loop goes first, so its warm-up is a cold start's (compilation included).
+                for kind in kinds:
+                    rounds[kind].append(res := measure(kind, r))
+                    print(
+                        f"round {r + 1}/{opts.rounds} {kind}: {res['images_per_second']:,.0f} img/s "
+                        f"(warm-up {res['warmup_seconds']:.2f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    results = {
+        kind: {
+            "images_per_second": statistics.median(r["images_per_second"] for r in rs),
+            "best_images_per_second": max(r["best_images_per_second"] for r in rs),
+            "warmup_seconds": statistics.median(r["warmup_seconds"] for r in rs),
+            "rounds": rs,
+        }
+        for kind, rs in rounds.items()
+    }
+    ratios: dict[str, Any] = {}
+    for base in kinds[1:]:
+        paired = [
+            lp["images_per_second"] / b["images_per_second"]
+            for lp, b in zip(rounds["loop"], rounds[base], strict=True)
+        ]
+        ratios[f"loop_over_{base}"] = statistics.median(paired)
+        ratios[f"loop_over_{base}_rounds"] = paired
+        ratios[f"loop_over_{base}_best"] = (
+            results["loop"]["best_images_per_second"] / results[base]["best_images_per_second"]
+        )
+    if device.type == "cpu":  # images per CPU-second: blind to time spent waiting for a core
+        paired = [
+            lp["images_per_cpu_second"] / b["images_per_cpu_second"]
+            for lp, b in zip(rounds["loop"], rounds["bare"], strict=True)
+        ]
+        ratios["loop_over_bare_cpu_time"] = statistics.median(paired)
+        ratios["loop_over_bare_cpu_time_rounds"] = paired
+    recipe = from_preset(opts.preset)
+    recipe_images = recipe.epochs * D.N_TRAIN
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "accelerate": _version("accelerate"),
+        "python": platform.python_version(),
+        "options": {**asdict(opts), "workers": workers, "steps": steps},
+        "config": {k: getattr(cfg, k) for k in REPORTED_FIELDS},
+        "threads": threads,
+        "train_samples": len(split),
+        "steps_per_epoch": steps_per_epoch,
+        "results": results,
+        "ratios": ratios,
+        # The recipe's training time at the measured rates (the loop's plus its warm-up).
+        "recipe": {
+            "preset": opts.preset,
+            "epochs": recipe.epochs,
+            "images": recipe_images,
+            "seconds": {
+                kind: recipe_images / res["images_per_second"]
+                + (res["warmup_seconds"] if kind == "loop" else 0)
+                for kind, res in results.items()
+            },
+        },
+    }
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+NAMES = {
+    "bare": "bare step (ceiling)",
+    "loop": "mnist-dist training loop",
+    "conventional": "conventional (DataLoader + PIL)",
+}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The human-readable report: one row per measurement, then the ratios and the recipe's projection."""
+    c, res, recipe = result["config"], result["results"], result["recipe"]
+    opts = f"precision {c['precision']}, compile {c['compile']}, channels_last {c['channels_last']}"
+    rounds = result["options"]["rounds"]
+    lines = [
+        f"mnist-dist bench on {result['device']}, torch {result['torch']}, {result['threads']} thread(s)",
+        f"{c['preset']} preset, batch {c['batch_size']}, {opts}; {result['train_samples']:,} train samples, "
+        f"{rounds} round(s): medians, and the best epoch",
+        "",
+        f"{'':<33}{'images/s':>10}{'best':>9}{'s/epoch':>9}{'warm-up s':>11}{'vs bare':>9}"
+        f"{recipe['epochs']:>4} epochs",
+    ]
+    bare = res["bare"]["images_per_second"]
+    for kind in (k for k in NAMES if k in res):
+        r = res[kind]
+        ips = r["images_per_second"]
+        lines.append(
+            f"{NAMES[kind]:<33}{ips:>10,.0f}{r['best_images_per_second']:>9,.0f}{D.N_TRAIN / ips:>9.2f}"
+            f"{r['warmup_seconds']:>11.2f}{ips / bare:>9.2f}{recipe['seconds'][kind]:>10.1f} s"
+        )
+    lines.append("")
+    for base in (k for k in ("bare", "conventional") if k in res):
+        ratio = result["ratios"]
+        per_round = ", ".join(f"{x:.3f}" for x in ratio[f"loop_over_{base}_rounds"])
+        lines.append(
+            f"loop / {base}: {ratio[f'loop_over_{base}']:.3f} median of rounds ({per_round}); "
+            f"best epoch / best epoch {ratio[f'loop_over_{base}_best']:.3f}"
+        )
+    if "loop_over_bare_cpu_time" in result["ratios"]:
+        ratio = result["ratios"]
+        per_round = ", ".join(f"{x:.3f}" for x in ratio["loop_over_bare_cpu_time_rounds"])
+        lines.append(
+            f"loop / bare in images per CPU-second: {ratio['loop_over_bare_cpu_time']:.3f} median of "
+            f"rounds ({per_round})"
+        )
+    lines.append(
+        f"s/epoch: one epoch of the {D.N_TRAIN:,}-image split; {recipe['epochs']} epochs: the {recipe['preset']} "
+        "recipe's training time (the loop's warm-up included)"
+    )
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
