@@ -68,14 +68,7 @@ def test_bench_refuses_fp16_on_cpu(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- speed options on the CPU
 COMBOS = [
-    pytest.param(
-        {"precision": p, "channels_last": c, "compile": k},
-        marks=pytest.mark.xfail(
-            p == "bf16" and k,
-            reason="bf16 + torch.compile on this CPU failed once in 2026-11-26's run: open",
-            strict=False,
-        ),
-    )
+    {"precision": p, "channels_last": c, "compile": k}
     for p, c, k in itertools.product(("no", "bf16"), (False, True), (False, True))
 ]
 FIRST_LOSS_TOL = 0.05
@@ -133,4 +126,7 @@ def test_cpu_speed_options_train_and_evaluate(
     # The weights file holds Net's own names (no `_orig_mod.`) and, loaded into a plain fp32 Net,
     # gives the validation accuracy the run reported.
     assert set(load_file(str(weights))) == set(Net().state_dict())
-    assert abs(accuracy(load_net(weights), val_split, 2000) - summary["val_acc"]) < 0.01
+    # bf16 autocast evaluation rounds activations; a half-trained model's argmax is sensitive to it.
+    tolerance = 0.02 if options["precision"] == "bf16" else 0.01
+    reloaded = accuracy(load_net(weights), val_split, 2000)
+    assert abs(reloaded - summary["val_acc"]) < tolerance, (reloaded, summary["val_acc"])

@@ -79,7 +79,7 @@ def test_train_sh_starts_one_process_per_visible_gpu(env: dict[str, str], proces
     path = f"{FAKES}:/usr/bin:/bin" if "FAKE_GPUS" in env else "/usr/bin:/bin"
     base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "GPUS", "PROCESSES")}
     done = subprocess.run(
-        ["bash", str(SCRIPTS[0]), "--preset", "fast", "--name", "my run"],
+        ["bash", str(SCRIPTS[0]), "--preset", "reference", "--name", "my run"],
         env={**base, "PATH": path, "DRY_RUN": "1", **env},
         capture_output=True,
         text=True,

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 from mnist_dist import data as D
 from mnist_dist.cli import app
-from mnist_dist.config import default_data_dir
+from mnist_dist.config import default_data_dir, from_preset
+from mnist_dist.model import build_model, count_parameters
 from mnist_dist.tracking import PROBE_SECONDS, probe_wandb_server
 
 pytestmark = pytest.mark.skipif(
@@ -133,7 +134,8 @@ def test_one_offline_run_holds_history_and_summary(offline_run: tuple[Path, Path
     for key in ("test_acc", "best_epoch", "params", "world_size", "precision", "device", "code_version"):
         assert logged["summary"][key] == summary[key], key
     assert summary["world_size"] == 2
-    assert summary["params"] == 8440
+    default_model = build_model(from_preset("default").model)
+    assert summary["params"] == count_parameters(default_model)
     assert 0 <= summary["test_acc"] <= 1 and summary["test_count"] == 10_000
     assert summary["wandb_mode"] == "offline"
     assert len(summary["code_version"].removesuffix("-dirty")) == 40  # the tests run from a git checkout
