@@ -62,7 +62,12 @@ class TrainConfig:
     interpolation: str = _opt(
         "nearest", "Augmentation resampling: nearest (torchvision's) or bilinear.", "Augmentation"
     )
-    ema: float = _opt(0.0, "Decay of an exponential moving average of the weights; 0 = off.")
+    ema: float = _opt(
+        0.0,
+        "Decay of an exponential moving average of the weights (evaluated and saved instead of them); "
+        "0 = off. Step t uses min(decay, (1+t)/(10+t)), so a run of S steps never averages slower "
+        "than decay 1 - 9/(S+10): 0.9988 for the 7,429 steps of 19 epochs.",
+    )
     seed: int = _opt(1, "Training seed: init, shuffling, augmentation, dropout.", "Run")
     split_seed: int = _opt(0, "Seed of the 50k/10k train/validation split.", "Data")
     # --- data ---
