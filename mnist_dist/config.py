@@ -215,7 +215,7 @@ def reference() -> TrainConfig:
 
 
 def default() -> TrainConfig:
-    """The recommended recipe: 99.41-99.43% mean final-epoch validation accuracy (GPU and CPU seeds),
+    """The recommended recipe: 99.40-99.43% mean final-epoch validation accuracy (CPU and GPU seeds),
     though not yet ≥99.40% on every seed (docs/accuracy.md).
 
     Net itself plateaus near 99.3% on the validation split whatever the recipe (docs/accuracy.md),

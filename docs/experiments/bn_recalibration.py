@@ -12,32 +12,34 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import update_bn
 
 from mnist_dist import data as D
 from mnist_dist.evaluate import accuracy, load_state_dict
 from mnist_dist.model import Net, build_model
 
 
-@torch.no_grad()
 def recalibrate(net: Net, train: D.DeviceSplit, cfg: dict, augmented: bool, batch: int = 500) -> None:
-    """Exact (cumulative, momentum=None) BatchNorm statistics over the whole training split."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
+    """Exact (cumulative) BatchNorm statistics over the whole training split, by torch's own
+    `update_bn` (the one SWA uses), fed shuffled batches, clean or augmented as the run trained."""
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train), generator=gen)
-    for lo in range(0, len(train), batch):
-        images = train.images[order[lo : lo + batch]]
-        if augmented:
-            x = D.augment(images, gen, cfg["rotate"], cfg["translate"], cfg["scale"], cfg["interpolation"])
-        else:
-            x = D.normalize(images)
-        net(x)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for lo in range(0, len(train), batch):
+            images = train.images[order[lo : lo + batch]]
+            if augmented:
+                yield D.augment(
+                    images, gen, cfg["rotate"], cfg["translate"], cfg["scale"], cfg["interpolation"]
+                )
+            else:
+                yield D.normalize(images)
+
+    update_bn(batches(), net)
     net.eval()
 
 
