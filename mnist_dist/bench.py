@@ -161,7 +161,9 @@ def bench_bare(cfg: TrainConfig, split: D.DeviceSplit, steps: int, chunk: int, w
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     batches = []
     for idx in order.split(cfg.batch_size):
-        x = D.augment(split.images[idx], gen, cfg.rotate, cfg.translate, cfg.scale, cfg.interpolation)
+        x = D.augment(
+            split.images[idx], gen, cfg.rotate, cfg.translate, cfg.scale, cfg.interpolation, cfg.elastic
+        )
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batches.append((x, split.labels[idx]))

@@ -62,6 +62,12 @@ class TrainConfig:
     interpolation: str = _opt(
         "nearest", "Augmentation resampling: nearest (torchvision's) or bilinear.", "Augmentation"
     )
+    elastic: float = _opt(
+        0.0,
+        "Elastic distortion strength in pixels (Simard et al. 2003's alpha, smoothing sigma 4 px; "
+        "alpha 34 moves pixels by about 1.4 px RMS); 0 = off.",
+        "Augmentation",
+    )
     ema: float = _opt(
         0.0,
         "Decay of an exponential moving average of the weights (evaluated and saved instead of them); "
@@ -177,6 +183,8 @@ class TrainConfig:
             raise ConfigError(f"--rotate must be in [0, 180] degrees, got {self.rotate}")
         if not 0 <= self.translate <= 14:
             raise ConfigError(f"--translate must be in [0, 14] pixels, got {self.translate}")
+        if not 0 <= self.elastic <= 100:
+            raise ConfigError(f"--elastic must be in [0, 100] pixels (0 = off), got {self.elastic}")
         if not 0 <= self.scale < 1:
             raise ConfigError(f"--scale must be in [0, 1), got {self.scale}")
         _choice(self.preset, PRESET_NAMES, "--preset")

@@ -315,6 +315,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         cfg.translate,
                         cfg.scale,
                         cfg.interpolation,
+                        cfg.elastic,
                     )
                     y = splits["train"].labels[idx]
                     if cfg.channels_last:

@@ -22,6 +22,7 @@ BAD = [
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--max-lr", "-1"], "--max-lr must be > 0, got -1.0"),
     (["--pct-start", "1.0"], "--pct-start must be strictly between 0 and 1, got 1.0"),
+    (["--elastic", "-1"], "--elastic must be in [0, 100] pixels (0 = off), got -1.0"),
     (["--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
     (["--preset", "best"], "--preset must be one of reference, default; got 'best'"),
     (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
@@ -74,7 +75,7 @@ def test_presets_are_config_objects_and_reference_is_the_reference_recipe() -> N
         "nearest",
         0.0,
     )
-    assert (ref.label_smoothing, ref.precision) == (0.0, "no")
+    assert (ref.label_smoothing, ref.elastic, ref.precision) == (0.0, 0.0, "no")
     assert from_preset("reference", epochs=3).epochs == 3
     assert from_preset("default", epochs=None) == from_preset("default")
     assert TrainConfig.from_dict(ref.to_dict()) == ref

@@ -147,6 +147,23 @@ def test_augmentation_draws_a_fresh_angle_per_image_and_fills_zero() -> None:
     assert not torch.equal(shifted, plain)
 
 
+def test_elastic_distortion_moves_pixels_smoothly_by_the_expected_amount() -> None:
+    # A horizontal ramp: with bilinear sampling, each output value says which column it came from.
+    ramp = (torch.arange(28) * 9).expand(256, 1, 28, 28).to(torch.uint8)
+    plain = D.augment(ramp, torch.Generator().manual_seed(0), rotate=0.0, interpolation="bilinear")
+    warped = D.augment(
+        ramp, torch.Generator().manual_seed(0), rotate=0.0, interpolation="bilinear", elastic=34.0
+    )
+    dx = ((warped - plain) * D.STD * 255 / 9)[:, 0, 8:20, 8:20]  # columns moved, away from the border
+    rms = dx.pow(2).mean().sqrt().item()
+    assert 1.0 < rms < 1.7, rms  # sigma 4, alpha 34: about 1.34 px RMS per axis
+    assert (dx[:, :, 1:] - dx[:, :, :-1]).pow(2).mean().sqrt() < rms / 4  # a smooth field, not noise
+    again = D.augment(
+        ramp, torch.Generator().manual_seed(0), rotate=0.0, interpolation="bilinear", elastic=34.0
+    )
+    assert torch.equal(warped, again)
+
+
 def test_failed_download_names_the_file_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
