@@ -65,7 +65,7 @@ class TrainConfig:
     elastic: float = _opt(
         0.0,
         "Elastic distortion strength in pixels (Simard et al. 2003's alpha, smoothing sigma 4 px; "
-        "alpha 34 moves pixels by about 1.4 px RMS); 0 = off.",
+        "alpha 34 moves pixels by about 1.3 px RMS per axis); 0 = off.",
         "Augmentation",
     )
     ema: float = _opt(
