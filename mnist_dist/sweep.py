@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from mnist_dist.config import TrainConfig
@@ -39,6 +44,28 @@ def _start(cfg: TrainConfig, seed: int, threads: int | None) -> subprocess.Popen
     )
 
 
+@contextmanager
+def _stop_runs_on_exit(running: dict[int, subprocess.Popen]) -> Iterator[None]:
+    """A sweep stopped by Ctrl-C or SIGTERM stops its runs and waits for them, instead of leaving
+    them training. Each gets SIGTERM, on which a run that is training writes a checkpoint and exits."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
+    try:
+        yield
+    finally:
+        for proc in running.values():
+            with suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in running.values():
+            proc.wait()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, Any]:
     """Run one process per seed, at most ``jobs`` at a time; collect each run's summary.json."""
     import torch
@@ -47,16 +74,17 @@ def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, An
     cpu_threads = None if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // jobs)
     pending, running, failed = list(seeds), {}, []
     start = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            running[seed] = _start(cfg, seed, cpu_threads)
-        for seed, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[seed]
-                if proc.returncode:
-                    failed.append(seed)
-        time.sleep(0.5)
+    with _stop_runs_on_exit(running):
+        while pending or running:
+            while pending and len(running) < jobs:
+                seed = pending.pop(0)
+                running[seed] = _start(cfg, seed, cpu_threads)
+            for seed, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[seed]
+                    if proc.returncode:
+                        failed.append(seed)
+            time.sleep(0.5)
     rows = []
     for seed in seeds:
         path = Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed) / "summary.json"

@@ -1,0 +1,72 @@
+"""`mnist-dist sweep` as a user runs it: real seeds side by side, honest stats, and a stop that
+stops its runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .conftest import cli
+
+TINY = ("--preset", "reference", "--max-train-samples", "4096", "--epochs", "2")
+
+
+def _runs_of(folder: Path) -> list[int]:
+    """Pids of training processes whose command line names `folder` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            continue
+        if "mnist_dist.train" in cmdline and str(folder) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Path) -> None:
+    result = cli(
+        "sweep", *TINY, "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "s"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [r["seed"] for r in report["runs"]] == [1, 2] and report["failed_seeds"] == []
+    vals = [r["val_acc"] for r in report["runs"]]
+    assert vals[0] != vals[1]  # different seeds, different runs
+    assert report["stats"]["val_acc"]["mean"] == statistics.mean(vals)
+    assert report["stats"]["val_acc"]["min"] == min(vals)
+    for seed in (1, 2):
+        summary = json.loads((tmp_path / f"s-seed{seed}" / "summary.json").read_text())
+        assert summary["seed"] == seed and summary["epochs"] == 2
+    assert "mean" in result.stdout and "min" in result.stdout
+
+
+def test_a_stopped_sweep_stops_its_runs(tmp_path: Path, data_root: Path) -> None:
+    env = {"WANDB_MODE": "disabled", **os.environ}
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        env.pop(var, None)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist.cli", "sweep", "--preset", "reference", "--epochs", "19",
+         "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "long"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_runs_of(tmp_path)) < 2 and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.5)
+        assert len(_runs_of(tmp_path)) == 2, "the sweep never started its two runs"
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=120) == 128 + signal.SIGTERM
+        assert _runs_of(tmp_path) == []  # the sweep waited for its runs to end
+    finally:
+        sweep.kill()
+        for pid in _runs_of(tmp_path):  # never leave a 19-epoch run behind, whatever failed above
+            os.kill(pid, signal.SIGKILL)
