@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import cli
 
 TINY = ("--preset", "reference", "--max-train-samples", "4096", "--epochs", "2")
@@ -49,7 +51,10 @@ def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Pat
     assert "mean" in result.stdout and "min" in result.stdout
 
 
-def test_a_stopped_sweep_stops_its_runs(tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_sweep_stops_its_runs(tmp_path: Path, data_root: Path, stop: signal.Signals) -> None:
+    """SIGINT goes to the sweep alone here: the runs must be stopped by the sweep, not by the
+    terminal's Ctrl-C reaching them too."""
     env = {"WANDB_MODE": "disabled", **os.environ}
     for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
         env.pop(var, None)
@@ -57,14 +62,15 @@ def test_a_stopped_sweep_stops_its_runs(tmp_path: Path, data_root: Path) -> None
         [sys.executable, "-m", "mnist_dist.cli", "sweep", "--preset", "reference", "--epochs", "19",
          "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "long"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest may run as `cmd &`
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while len(_runs_of(tmp_path)) < 2 and time.monotonic() < deadline and sweep.poll() is None:
             time.sleep(0.5)
         assert len(_runs_of(tmp_path)) == 2, "the sweep never started its two runs"
-        sweep.send_signal(signal.SIGTERM)
-        assert sweep.wait(timeout=120) == 128 + signal.SIGTERM
+        sweep.send_signal(stop)
+        assert sweep.wait(timeout=120) == 128 + stop
         assert _runs_of(tmp_path) == []  # the sweep waited for its runs to end
     finally:
         sweep.kill()
