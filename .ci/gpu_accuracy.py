@@ -21,6 +21,7 @@ from mnist_dist.sweep import aggregate
 BASE = ["--preset", "reference"]
 CANDIDATE = [*BASE, "--translate", "2", "--interpolation", "bilinear", "--max-lr", "0.01", "--ema", "0.999"]
 WIDE = [*CANDIDATE, "--model", "net_wide"]
+WIDER_NEAREST = [*CANDIDATE, "--model", "net_wider", "--interpolation", "nearest"]
 RECIPES: dict[str, list[str]] = {
     # round 1: Net (8,440 parameters)
     "reference": BASE,
@@ -40,8 +41,12 @@ RECIPES: dict[str, list[str]] = {
     "wide_t2_lr01_ema_nearest": [*WIDE, "--interpolation", "nearest"],
     # round 3: more seeds, and net_wider (19,616 parameters)
     "wide_t2_lr01_ema_nearest_scale01": [*WIDE, "--interpolation", "nearest", "--scale", "0.1"],
-    "wider_t2_lr01_ema_nearest": [*CANDIDATE, "--model", "net_wider", "--interpolation", "nearest"],
+    "wider_t2_lr01_ema_nearest": WIDER_NEAREST,
     "wider_t2_lr01_ema": [*CANDIDATE, "--model", "net_wider"],
+    # round 4 (CPU-measured so far): elastic distortion on top of round 3's nearest recipe
+    "wider_t2_lr01_ema_nearest_el8": [*WIDER_NEAREST, "--elastic", "8"],
+    "wider_t2_lr01_ema_nearest_el12": [*WIDER_NEAREST, "--elastic", "12"],
+    "wider_t2_lr01_ema_nearest_el16": [*WIDER_NEAREST, "--elastic", "16"],
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mnist_dist.cli import app
-from mnist_dist.config import ConfigError, TrainConfig, from_preset, reference
+from mnist_dist.config import ConfigError, TrainConfig, default, from_preset, reference
 
 from .conftest import cli
 
@@ -76,6 +76,16 @@ def test_presets_are_config_objects_and_reference_is_the_reference_recipe() -> N
         0.0,
     )
     assert (ref.label_smoothing, ref.elastic, ref.precision) == (0.0, 0.0, "no")
+    best = default()  # the recipe docs/accuracy.md measured; only these fields differ from reference
+    changed = {k: v for k, v in best.to_dict().items() if v != ref.to_dict()[k]}
+    assert changed == {
+        "preset": "default",
+        "model": "net_wider",
+        "max_lr": 1e-2,
+        "translate": 2.0,
+        "elastic": 12.0,
+        "ema": 0.999,
+    }
     assert from_preset("reference", epochs=3).epochs == 3
     assert from_preset("default", epochs=None) == from_preset("default")
     assert TrainConfig.from_dict(ref.to_dict()) == ref
