@@ -46,7 +46,7 @@ Chunk = tuple[float, float | None, int]  # wall seconds, CPU seconds (None: not 
 # The config fields that decide a step's cost, recorded with every result.
 REPORTED_FIELDS = (
     "preset", "model", "precision", "compile", "channels_last", "batch_size", "optimizer",
-    "rotate", "translate", "scale", "interpolation", "ema",
+    "rotate", "translate", "scale", "interpolation", "elastic", "ema",
 )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     bench = json.loads(out.read_text())
     assert bench["device"] and bench["torch"] == torch.__version__
     assert bench["config"]["preset"] == "reference" and bench["config"]["batch_size"] == 128
+    assert (bench["config"]["elastic"], bench["config"]["ema"]) == (0.0, 0.0)  # the step's costly options
     assert bench["train_samples"] == 512 and bench["steps_per_epoch"] == 4
     for kind in ("loop", "bare", "conventional"):
         (only,) = bench["results"][kind]["rounds"]
