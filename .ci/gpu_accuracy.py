@@ -43,7 +43,7 @@ RECIPES: dict[str, list[str]] = {
     "wide_t2_lr01_ema_nearest_scale01": [*WIDE, "--interpolation", "nearest", "--scale", "0.1"],
     "wider_t2_lr01_ema_nearest": WIDER_NEAREST,
     "wider_t2_lr01_ema": [*CANDIDATE, "--model", "net_wider"],
-    # round 4 (CPU-measured so far): elastic distortion on top of round 3's nearest recipe
+    # round 4 (not run on a GPU yet; alpha 12 is the default since 2026-11-27, measured on the CPU)
     "wider_t2_lr01_ema_nearest_el8": [*WIDER_NEAREST, "--elastic", "8"],
     "wider_t2_lr01_ema_nearest_el12": [*WIDER_NEAREST, "--elastic", "12"],
     "wider_t2_lr01_ema_nearest_el16": [*WIDER_NEAREST, "--elastic", "16"],
