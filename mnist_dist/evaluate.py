@@ -1,81 +1,97 @@
-"""Load saved weights without executing code and measure them on the validation and test sets."""
+"""Measuring a model on a split: the training's exact-count evaluation over its ranks, and the
+evaluation of saved weights in one process. Both run the same per-chunk arithmetic (``_sums``), so a
+run's reported accuracy and ``mnist-dist evaluate`` of its weights count the same way."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
 
 from mnist_dist import data as D
-from mnist_dist.model import Net
-
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+from mnist_dist.weights import load_model
 
 
-class WeightsError(ValueError):
-    """A weights file that is not Net's state dict, or not loadable without running code."""
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a plain PyTorch state dict read with weights_only=True (no pickle code runs)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(
-                f"{path} is not a plain PyTorch state dict that loads without running code "
-                f"(weights_only=True refused it: {first})"
-            ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors")
-    return {_strip(k): v for k, v in state.items()}
-
-
-def _strip(key: str) -> str:
-    """Remove wrapper prefixes in any nesting (DDP over a compiled module: module._orig_mod.)."""
-    while key.startswith(_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def load_net(path: Path) -> Net:
-    net = Net()
-    state = load_state_dict(path)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"{path} does not match Net: {str(e).splitlines()[0]} ...") from None
-    return net
+def _sums(
+    model: torch.nn.Module,
+    split: D.DeviceSplit,
+    indices: torch.Tensor,
+    batch: int,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(correct, summed loss, count) over ``indices`` in float64, and the predictions per chunk.
+    The sums stay on the device: the caller reads them once, after any reduction over ranks."""
+    device = split.labels.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    preds = []
+    for chunk in indices.split(batch):
+        x, y = D.normalize(split.images[chunk]), split.labels[chunk]
+        with autocast():
+            out = model(x).float()
+        pred = out.argmax(1)
+        sums += torch.stack(
+            [
+                (pred == y).sum().double(),
+                F.nll_loss(out, y, reduction="sum").double(),
+                torch.tensor(len(y), device=device, dtype=torch.float64),
+            ]
+        )
+        preds.append(pred)
+    return sums, preds
 
 
 @torch.no_grad()
-def accuracy(net: Net, split: D.DeviceSplit, batch: int) -> float:
-    net.eval()
-    correct = 0
-    for lo in range(0, len(split), batch):
-        out = net(D.normalize(split.images[lo : lo + batch]))
-        correct += int((out.argmax(1) == split.labels[lo : lo + batch]).sum())
-    return correct / len(split)
+def evaluate_split(
+    model: torch.nn.Module,
+    split: D.DeviceSplit,
+    accelerator: Accelerator,
+    batch: int,
+    want_predictions: bool = False,
+) -> dict[str, Any]:
+    """Exact-count evaluation: each rank takes a contiguous shard (no padding, no duplicates),
+    sums are reduced over ranks, so accuracy counts every sample exactly once for any world size."""
+    model.eval()
+    device, world = accelerator.device, accelerator.num_processes
+    idx = D.eval_shard(len(split), world, accelerator.process_index).to(device)
+    sums, preds = _sums(model, split, idx, batch, accelerator.autocast)
+    sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
+    correct, loss, count = sums.tolist()
+    result: dict[str, Any] = {"acc": correct / count, "loss": loss / count, "count": int(count)}
+    if want_predictions:
+        local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
+        width = math.ceil(len(split) / world)
+        padded = torch.full((width,), -1, dtype=torch.long, device=device)
+        padded[: len(local)] = local
+        gathered = accelerator.gather(padded) if world > 1 else padded
+        result["predictions"] = gathered[gathered >= 0].cpu()
+    return result
 
 
-def evaluate_weights(path: Path, data_root: Path, split_seed: int, batch: int) -> dict[str, Any]:
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> float:
+    """The share of ``split`` the model classifies right, in this process, in full precision."""
+    model.eval()
+    indices = torch.arange(len(split), device=split.labels.device)
+    correct, _, count = _sums(model, split, indices, batch, nullcontext)[0].tolist()
+    return correct / count
+
+
+def evaluate_weights(
+    path: Path, data_root: Path, split_seed: int, batch: int, model: str | None = None
+) -> dict[str, Any]:
+    """Validation and test accuracy of the weights at ``path`` (a run folder or a weights file)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_net(path).to(device)
+    net, name = load_model(path, model)
+    net = net.to(device)
     splits = D.device_splits(D.load_mnist(data_root), split_seed, device, max_train=1)
     return {
+        "model": name,
         "val_acc": accuracy(net, splits["val"], batch),
         "val_count": len(splits["val"]),
         "test_acc": accuracy(net, splits["test"], batch),

@@ -20,53 +20,45 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
-from safetensors import SafetensorError
 
-from mnist_dist.tracking import PREDICTIONS_FILE, load_val_predictions, read_metrics
+from mnist_dist.files import atomic_write
+from mnist_dist.runfiles import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RunFilesError,
+    load_val_predictions,
+    read_metrics,
+)
 
 CLASSES = 10
 
 
-class RunFilesError(ValueError):
-    """The folder is not a run folder (or lacks the files a picture needs); the message says which."""
-
-
 def render_run(run_dir: Path) -> tuple[list[Path], list[str]]:
-    """Draw every picture the run's files allow; return (PNGs written, why any was skipped)."""
+    """Draw every picture the run's files allow; return (PNGs written, why any was skipped).
+    Every file is read before the first picture is drawn, so a bad file leaves no picture behind."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise RunFilesError(f"{run_dir} is not a run folder: it has no metrics.jsonl")
-    try:
-        records = read_metrics(run_dir)
-    except ValueError as e:
-        raise RunFilesError(f"{run_dir / 'metrics.jsonl'} is not JSON lines: {e}") from None
+    records = read_metrics(run_dir)
     if not records:
-        raise RunFilesError(f"{run_dir / 'metrics.jsonl'} has no records yet")
+        raise RunFilesError(f"{run_dir / METRICS_FILE} has no records yet")
+    pred = load_val_predictions(run_dir) if (run_dir / PREDICTIONS_FILE).is_file() else None
     written = [plot_curves(records, run_dir / "curves.png")]
-    skipped = []
-    if (run_dir / PREDICTIONS_FILE).is_file():
-        try:
-            pred = load_val_predictions(run_dir)
-        except SafetensorError as e:
-            raise RunFilesError(f"{run_dir / PREDICTIONS_FILE} is unreadable: {e}") from None
-        labels, predictions = pred["labels"].long(), pred["predictions"].long()
-        written.append(
-            plot_confusion(confusion_matrix(labels, predictions), run_dir / "confusion_matrix.png")
-        )
-        written.append(
-            plot_misclassified(
-                pred["wrong_images"],
-                labels[pred["wrong_index"]],
-                predictions[pred["wrong_index"]],
-                int((labels != predictions).sum()),
-                run_dir / "misclassified.png",
-            )
-        )
-    else:
-        skipped.append(
+    if pred is None:
+        reason = (
             f"confusion matrix and misclassified digits: {PREDICTIONS_FILE} is written when a run finishes"
         )
-    return written, skipped
+        return written, [reason]
+    labels, predictions = pred["labels"].long(), pred["predictions"].long()
+    written.append(plot_confusion(confusion_matrix(labels, predictions), run_dir / "confusion_matrix.png"))
+    written.append(
+        plot_misclassified(
+            pred["wrong_images"],
+            labels[pred["wrong_index"]],
+            predictions[pred["wrong_index"]],
+            int((labels != predictions).sum()),
+            run_dir / "misclassified.png",
+        )
+    )
+    return written, []
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
@@ -77,8 +69,7 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.T
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:

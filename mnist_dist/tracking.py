@@ -4,9 +4,9 @@ This is the one place that decides who writes: ``make_tracker`` gives the main p
 ``RunTracker`` and every other rank a ``NullTracker`` that does nothing, so the training loop
 never asks which rank it is before logging.
 
-Run folder: config.json, metrics.jsonl (one JSON record per log), summary.json, val_predictions.safetensors
-(what ``mnist-dist report`` needs to draw the pictures again), the PNGs of ``mnist_dist.plots`` and, unless
-``--wandb disabled``, ``wandb/`` (offline runs: ``wandb sync <run_dir>/wandb/offline-run-*``).
+Run folder: the files of ``mnist_dist.runfiles`` (config, metrics, summary, validation predictions), the
+PNGs of ``mnist_dist.plots`` and, unless ``--wandb disabled``, ``wandb/`` (offline runs:
+``wandb sync <run_dir>/wandb/offline-run-*``).
 
 wandb goes through Accelerate's tracker (``log_with="wandb"``). It must never stall or kill training: an
 online run is started only after a quick probe of the server answers, and anything that fails falls back
@@ -15,14 +15,12 @@ to offline (or to the files alone) with one warning. ``--wandb disabled`` never 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import netrc
 import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -30,18 +28,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from mnist_dist import runfiles
 from mnist_dist.config import TrainConfig
 
 PROBE_SECONDS = 4.0  # the longest an unreachable wandb server may delay the start of training
 INIT_TIMEOUT = 30.0  # backstop if the server answered the probe but wandb.init still hangs
 FINISH_TIMEOUT = 60.0  # an outage at the end leaves the rest on disk for `wandb sync`, not a hang
-MAX_MISCLASSIFIED = 48  # misclassified validation digits kept for the picture (a 6 x 8 grid)
-PREDICTIONS_FILE = "val_predictions.safetensors"
-WANDB_ID_FILE = "wandb_run_id"
 
 
 class NullTracker:
@@ -68,23 +63,20 @@ class RunTracker(NullTracker):
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, run_dir: Path) -> None:
         self.accelerator, self.cfg, self.run_dir = accelerator, cfg, run_dir
-        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        runfiles.write_config(run_dir, cfg)
+        self._metrics = runfiles.MetricsLog(run_dir)
         self.code_version = code_version()
         self.wandb_mode, self.wandb_run = start_wandb(accelerator, cfg, run_dir)
         self._finished = False
 
-    def _write(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        self._write({"kind": "step", "step": step, **metrics})
+        self._metrics.write({"kind": "step", "step": step, **metrics})
         if self.wandb_run is not None:
             named = {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
             self.accelerator.log({"step": step, **named})
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._write({"kind": "epoch", "epoch": epoch, **metrics})
+        self._metrics.write({"kind": "epoch", "epoch": epoch, **metrics})
         if self.wandb_run is not None:
             named = {f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}
             self.accelerator.log({"epoch": epoch, **named})
@@ -103,11 +95,11 @@ class RunTracker(NullTracker):
         artifacts: ``val_predictions`` and ``val_labels`` (N,) and ``val_images`` (N, 1, 28, 28) uint8,
         all in validation-split order.
         """
-        from mnist_dist import plots
+        from mnist_dist import plots  # matplotlib loads only in the process that draws
 
         summary = {**summary, "code_version": self.code_version, "wandb_mode": self.wandb_mode}
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        save_val_predictions(
+        runfiles.write_summary(self.run_dir, summary)
+        runfiles.save_val_predictions(
             self.run_dir, artifacts["val_labels"], artifacts["val_predictions"], artifacts["val_images"]
         )
         pictures, _ = plots.render_run(self.run_dir)
@@ -125,55 +117,11 @@ class RunTracker(NullTracker):
             self.wandb_run.finish(exit_code=0 if self._finished else 1)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def make_tracker(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path) -> NullTracker:
     """The main process records the run; every other rank gets the do-nothing tracker."""
     if not accelerator.is_main_process:
         return NullTracker()
     return RunTracker(accelerator, cfg, run_dir)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a torn last line (a killed run) is dropped, any other bad line raises."""
-    lines = [line for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
-    with contextlib.suppress(ValueError):
-        records += [json.loads(line) for line in lines[-1:]]
-    return records
-
-
-# ------------------------------------------------------------------ validation predictions
-def save_val_predictions(
-    run_dir: Path, labels: torch.Tensor, predictions: torch.Tensor, images: torch.Tensor
-) -> None:
-    """Keep what the pictures need (tens of KB): every label and prediction, and only the first
-    misclassified images, so a report can be drawn later without the dataset."""
-    from safetensors.torch import save_file
-
-    labels, predictions = labels.cpu(), predictions.cpu()
-    wrong = (predictions != labels).nonzero().flatten()
-    shown = wrong[:MAX_MISCLASSIFIED]
-    tensors = {
-        "labels": labels.to(torch.uint8),
-        "predictions": predictions.to(torch.uint8),
-        "wrong_index": shown,
-        "wrong_images": images[shown.to(images.device)].reshape(-1, 28, 28).cpu().contiguous(),
-    }
-    tmp = run_dir / (PREDICTIONS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(run_dir / PREDICTIONS_FILE)
-
-
-def load_val_predictions(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(run_dir) / PREDICTIONS_FILE))
 
 
 # ------------------------------------------------------------------ code version
@@ -278,8 +226,8 @@ def start_wandb(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path) -> tu
 
     problem = probe_wandb_server() if mode == "online" else None
     modes = ["offline"] if mode == "offline" or problem else ["online", "offline"]
-    id_file = run_dir / WANDB_ID_FILE  # a resumed training continues the same wandb run
-    resume = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
+    run_id = runfiles.read_wandb_id(run_dir)  # a resumed training continues the same wandb run
+    resume = {"id": run_id, "resume": "allow"} if run_id else {}
     for attempt in modes:
         try:
             accelerator.init_trackers(
@@ -308,7 +256,7 @@ def start_wandb(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path) -> tu
             accelerator.trackers.clear()  # drop the half-started tracker before trying again
             problem = f"wandb {attempt} failed to start ({type(e).__name__}: {e})"
             continue
-        id_file.write_text(run.id + "\n")
+        runfiles.write_wandb_id(run_dir, run.id)
         if problem:
             _warn(
                 f"wandb online logging unavailable: {problem}. Logging offline instead; upload later "

@@ -26,14 +26,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
+from mnist_dist import runfiles as R
 from mnist_dist.cli import app
 from mnist_dist.config import default_data_dir, from_preset
 from mnist_dist.model import build_model, count_parameters
 from mnist_dist.tracking import PROBE_SECONDS, probe_wandb_server
 
-pytestmark = pytest.mark.skipif(
-    bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
-)
+pytestmark = [
+    pytest.mark.proof,
+    pytest.mark.skipif(
+        bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
+    ),
+]
 PICTURES = ("curves.png", "confusion_matrix.png", "misclassified.png")
 EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_second")
 DUMMY_KEY = "x" * 40  # well-formed, so wandb would try the server with it
@@ -113,7 +117,7 @@ def test_one_offline_run_holds_history_and_summary(offline_run: tuple[Path, Path
     assert [h["epoch"] for h in epochs] == [1, 2]
     file_epochs = [
         m
-        for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        for m in map(json.loads, (run_dir / R.METRICS_FILE).read_text().splitlines())
         if m["kind"] == "epoch"
     ]
     for logged, written in zip(epochs, file_epochs, strict=True):
@@ -126,7 +130,7 @@ def test_one_offline_run_holds_history_and_summary(offline_run: tuple[Path, Path
         f"plots/{p[:-4]}.path" for p in PICTURES
     }
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / R.SUMMARY_FILE).read_text())
     logged = wandb_summary(runs[0])
     assert logged["state"] == "finished"
     assert logged["config"]["max_train_samples"] == 512
@@ -159,7 +163,7 @@ def test_report_redraws_the_pictures_from_the_run_files(
     _, run_dir = offline_run
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("metrics.jsonl", "val_predictions.safetensors", "summary.json"):
+    for name in (R.METRICS_FILE, R.PREDICTIONS_FILE, R.SUMMARY_FILE):
         (copy / name).write_bytes((run_dir / name).read_bytes())
     result = CliRunner().invoke(app, ["report", str(copy)])
     assert result.exit_code == 0, result.output
@@ -176,7 +180,7 @@ def test_report_refuses_a_bad_run_folder(tmp_path: Path, kind: str) -> None:
         run_dir.mkdir()
     metrics = {"no records": "", "corrupt": '{not json\n{"kind": "step", "step": 1}\n'}
     if kind in metrics:
-        (run_dir / "metrics.jsonl").write_text(metrics[kind])
+        (run_dir / R.METRICS_FILE).write_text(metrics[kind])
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 2
     assert "Error:" in result.output and "Traceback" not in result.output
@@ -207,7 +211,7 @@ print("WANDB_MODULES", sorted(m for m in sys.modules if m == "wandb" or m.starts
     assert "WANDB_MODULES []" in result.stdout
     run_dir = tmp_path / "runs" / "off"
     assert all((run_dir / name).is_file() for name in PICTURES)
-    assert json.loads((run_dir / "summary.json").read_text())["wandb_mode"] == "disabled"
+    assert json.loads((run_dir / R.SUMMARY_FILE).read_text())["wandb_mode"] == "disabled"
     assert not list(tmp_path.rglob("wandb"))
 
 
@@ -338,4 +342,4 @@ def test_auto_without_credentials_is_offline_and_resume_keeps_the_run_id(tmp_pat
     assert first["mode"] == "offline" and "mnist-dist: warning" not in stderr
     start_tracker(tmp_path, run_dir, "auto")  # a resumed training starts its tracker again
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert ids == {(run_dir / "wandb_run_id").read_text().strip()}
+    assert ids == {R.read_wandb_id(run_dir)}

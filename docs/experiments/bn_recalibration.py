@@ -19,8 +19,9 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from mnist_dist import data as D
-from mnist_dist.evaluate import accuracy, load_state_dict
+from mnist_dist.evaluate import accuracy
 from mnist_dist.model import Net, build_model
+from mnist_dist.weights import load_state_dict
 
 
 def recalibrate(net: Net, train: D.DeviceSplit, cfg: dict, augmented: bool, batch: int = 500) -> None:

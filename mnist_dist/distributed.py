@@ -1,0 +1,98 @@
+"""What the ranks of one run must agree on, decided in one place: rank 0's choices, the world size,
+the weights every rank evaluates, the seeds of each rank's random streams and the device's name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from mnist_dist import env
+
+T = TypeVar("T")
+
+
+def agree(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """Rank 0 runs ``decide``; every rank gets its result, or raises the exception it raised.
+    For choices that must be made once (a folder, a checkpoint) and never diverge between ranks."""
+    payload: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            payload[0] = decide()
+        except Exception as e:  # raised below on every rank, rank 0 included
+            payload[0] = e
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0]
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Fail loudly when the launcher started fewer ranks than were asked for."""
+    asked = int(os.environ.get(env.EXPECTED_WORLD) or os.environ.get(env.WORLD_SIZE) or 1)
+    if accelerator.num_processes != asked:
+        raise RuntimeError(
+            f"asked for {asked} processes but this run has world size {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); refusing to run fewer ranks than asked"
+        )
+    if (
+        os.environ.get(env.ACCELERATE_USE_CPU)
+        and env.WORLD_SIZE not in os.environ
+        and env.MASTER_ADDR in os.environ
+    ):
+        warnings.warn(
+            "`accelerate launch --cpu` starts ONE process whatever --num_processes says; for N CPU "
+            "ranks use `mnist-dist train --processes N` or `accelerate launch --multi_gpu`",
+            stacklevel=1,
+        )
+
+
+def set_threads(threads: int | None, accelerator: Accelerator) -> int:
+    """On the CPU give each local rank an equal share of the cores (launchers set 1 thread otherwise)."""
+    if accelerator.device.type != "cpu":
+        return torch.get_num_threads()
+    local = int(os.environ.get(env.LOCAL_WORLD_SIZE, accelerator.num_processes))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def sync_from_rank0(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Copy rank 0's parameters and buffers (BatchNorm statistics) to all ranks, so evaluation
+    and the saved weights are the same model whatever the world size."""
+    if accelerator.num_processes == 1:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        torch.distributed.broadcast(t.data, src=0)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's own random streams (augmentation, dropout): distinct per rank."""
+    return seed * 1_000 + rank
+
+
+def restart_seed(seed: int, rank: int, step: int) -> int:
+    """A rank's streams after a resume on another world size, where the saved streams do not apply."""
+    return rank_seed(seed, rank) * 1_000_003 + step
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
