@@ -8,8 +8,9 @@
 #   PROCESSES=2 launch/train.sh                     force the process count (e.g. 2 CPU ranks)
 #   DRY_RUN=1 launch/train.sh ...                   print the command instead of running it
 #
-# SIGTERM, SIGUSR1 or Ctrl-C: every rank stops at the next step, writes a checkpoint and the command
-# exits 75; the same command with --name <run> --resume auto continues (docs/cluster.md).
+# SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) during training: every rank stops at the next step, writes a
+# checkpoint and the command exits 75 (130 after Ctrl-C); the same command with --name <run>
+# --resume auto continues (docs/cluster.md).
 set -euo pipefail
 
 count_gpus() {

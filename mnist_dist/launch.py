@@ -1,15 +1,20 @@
 """Start N training ranks (on one or several nodes) through Accelerate's launcher.
 
-On a CPU machine ``accelerate launch --cpu --num_processes N`` starts ONE process (GUIDE pitfall
-4); ``--multi_gpu`` starts N real ranks through torch's elastic agent, and the ranks pick gloo
-because ``make_accelerator`` passes ``cpu=True`` without a GPU. Each rank checks that it really has
-the world size asked for (``MNIST_DIST_EXPECTED_WORLD``).
+On a CPU machine ``accelerate launch --cpu --num_processes N`` starts ONE process; ``--multi_gpu``
+starts N real ranks through torch's elastic agent, and the ranks pick gloo because
+``make_accelerator`` passes ``cpu=True`` without a GPU. Each rank checks that it really has the world
+size asked for (``MNIST_DIST_EXPECTED_WORLD``).
 
-Preemption: SIGTERM/SIGUSR1 sent to this process go to the workers themselves (they register their
-pids in a per-launch folder), not through torch's elastic agent: the agent turns a signal into a
+The config crosses into the ranks once, as the validated ``TrainConfig`` in ``config.json`` of a
+per-launch folder: every rank runs ``python -m mnist_dist.train --config <that file>``.
+
+Signals: SIGTERM/SIGUSR1/SIGINT sent to this process go to the workers themselves (they register
+their pids in the launch folder), not through torch's elastic agent: the agent turns a signal into a
 shutdown of its workers with a 30 s deadline, and a second signal (SLURM signals every process of
-the step) aborts that wait. When the workers stopped after writing a checkpoint, ``launch`` returns
-``PREEMPTED_EXIT`` (the agent itself only reports a failed worker).
+the step) aborts that wait. The agent is started with SIGINT ignored, so a Ctrl-C in the terminal
+(which reaches this process and the agent) stops the workers only through us, as SIGINT. When the
+workers stopped after writing a checkpoint, ``launch`` returns their exit code (75, or 130 after
+SIGINT); the agent itself only reports a failed worker.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import fields
 from pathlib import Path
 from types import FrameType
 
-from mnist_dist.checkpoint import LAUNCH_DIR_ENV, PREEMPTED_EXIT, PreemptionWatch, was_preempted, worker_pids
 from mnist_dist.config import TrainConfig
-from mnist_dist.train import EXPECTED_WORLD_ENV
+from mnist_dist.env import EXPECTED_WORLD, LAUNCH_DIR, SIGNALS_TO_HANDLE
+from mnist_dist.files import write_text_atomic
+from mnist_dist.preemption import INTERRUPTED_EXIT, SIGNALS, exit_code, was_preempted, worker_pids
+
+CONFIG_FILE = "config.json"  # in the launch folder
+# What the agent handles itself (torch >= 2.9; its default set is TERM, INT, HUP, QUIT): SIGUSR1 too,
+# so that SLURM's --signal does not kill it, and not SIGINT, which it must ignore (see above).
+AGENT_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def free_port() -> int:
@@ -38,24 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_args(cfg: TrainConfig) -> list[str]:
-    """The resolved config as explicit CLI options, so every rank gets exactly the parent's config."""
-    args: list[str] = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 def launch_command(
     cfg: TrainConfig,
     processes: int,
+    config_file: Path,
+    *,
     nodes: int = 1,
     node_rank: int = 0,
     main_address: str = "127.0.0.1",
@@ -76,46 +73,65 @@ def launch_command(
     ]  # fmt: skip
     if nodes > 1:
         cmd.append("--same_network")
-    return [*cmd, "-m", "mnist_dist.train", *config_args(cfg)]
+    return [*cmd, "-m", "mnist_dist.train", "--config", str(config_file)]
 
 
-def launch(cfg: TrainConfig, processes: int, **kw: object) -> int:
-    """Run the ranks to completion; a crash in any rank ends the whole launch with its code, and
-    a stop on SIGTERM/SIGUSR1 after a checkpoint with PREEMPTED_EXIT."""
-    nodes = int(kw.get("nodes", 1))  # type: ignore[arg-type]
-    env = dict(os.environ)
-    env[EXPECTED_WORLD_ENV] = str(processes * nodes)
+def launch(
+    cfg: TrainConfig,
+    processes: int,
+    *,
+    nodes: int = 1,
+    node_rank: int = 0,
+    main_address: str = "127.0.0.1",
+    main_port: int | None = None,
+) -> int:
+    """Run this node's ranks to completion and return the exit code: a crash in any rank ends the
+    whole launch with its code; a stop at a checkpoint gives 75 (SIGTERM/SIGUSR1) or 130 (SIGINT)."""
+    env = {**os.environ, EXPECTED_WORLD: str(processes * nodes), SIGNALS_TO_HANDLE: AGENT_SIGNALS}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # torch >= 2.9 reads this: the agent then also handles SIGUSR1 (SLURM's --signal) when it is
-    # signalled directly, instead of dying of it (the default set is TERM, INT, HUP, QUIT).
-    env["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-    cmd = launch_command(cfg, processes, **kw)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory(prefix="mnist-dist-launch-") as launch_dir:
-        env[LAUNCH_DIR_ENV] = launch_dir
-        proc = subprocess.Popen(cmd, env=env)
-        with _forward_signals(proc, Path(launch_dir)):
-            try:
-                code = proc.wait()
-            except KeyboardInterrupt:
-                proc.terminate()
-                code = proc.wait()
-        return PREEMPTED_EXIT if was_preempted(Path(launch_dir)) else code
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-launch-") as folder:
+        config_file = write_text_atomic(Path(folder) / CONFIG_FILE, cfg.to_json())
+        cmd = launch_command(
+            cfg, processes, config_file,
+            nodes=nodes, node_rank=node_rank, main_address=main_address, main_port=main_port,
+        )  # fmt: skip
+        return run_ranks(cmd, {**env, LAUNCH_DIR: folder}, Path(folder))
+
+
+def run_ranks(cmd: list[str], env: dict[str, str], launch_dir: Path) -> int:
+    """Run the launcher command ``cmd`` to its end, passing signals to its workers. Returns the
+    workers' code when they stopped at a checkpoint, 130 when a Ctrl-C stopped them without one
+    (outside their training loop), else the launcher's own."""
+    with _forwarding_signals(cmd, env, launch_dir) as (proc, received):
+        code = proc.wait()
+    stopped = was_preempted(launch_dir)
+    if stopped is not None:
+        return exit_code(stopped)
+    return INTERRUPTED_EXIT if signal.SIGINT in received else code
 
 
 @contextmanager
-def _forward_signals(proc: subprocess.Popen, launch_dir: Path) -> Iterator[None]:
-    """While the launch runs, pass SIGTERM/SIGUSR1 to the registered workers (before any has
-    registered, SIGTERM to the launcher, which stops them: there is nothing to save yet)."""
+def _forwarding_signals(
+    cmd: list[str], env: dict[str, str], launch_dir: Path
+) -> Iterator[tuple[subprocess.Popen, set[int]]]:
+    """Start ``cmd`` with SIGINT ignored, then, while it runs, pass SIGTERM/SIGUSR1/SIGINT to the
+    registered workers (before any has registered, SIGTERM to the launcher, which stops them: there
+    is nothing to save yet). Yields the process and the signals received so far."""
+    received: set[int] = set()
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        pids = worker_pids(launch_dir)
-        for pid, sig in [(pid, signum) for pid in pids] or [(proc.pid, signal.SIGTERM)]:
+        received.add(signum)
+        for pid, sig in [(pid, signum) for pid in worker_pids(launch_dir)] or [(proc.pid, signal.SIGTERM)]:
             with suppress(ProcessLookupError):  # already gone
                 os.kill(pid, sig)
 
-    previous = {sig: signal.signal(sig, forward) for sig in PreemptionWatch.SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
-        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the child inherits (handlers are not)
+        proc = subprocess.Popen(cmd, env=env)
+        for sig in SIGNALS:
+            signal.signal(sig, forward)
+        yield proc, received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

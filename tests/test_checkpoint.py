@@ -4,9 +4,10 @@
 
 A 2-process run is stopped with SIGTERM in the middle of its second epoch and continued with
 --resume auto: its final weights and metrics equal those of an uninterrupted run, bit for bit.
-Its checkpoints are then damaged on purpose: a truncated or unfinished one is skipped, a modified
-file is refused, a pickle that would run code is refused without running, an incompatible command
-line is refused by name, and a resume on another number of processes finishes the run.
+Its real checkpoints are then damaged on purpose: a truncated or unfinished one is skipped, a
+modified file is refused, a pickle that would run code is refused without running (also by the real
+resume, with exit code 2), and a resume on another number of processes finishes the run. The same
+rules on hand-made folders, in-process, are tests/test_checkpoint_format.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mnist_dist import checkpoint as C
+from mnist_dist import checkpoint_format as fmt
 from mnist_dist import data as D
-from mnist_dist.config import ConfigError, TrainConfig, default_data_dir
+from mnist_dist.config import default_data_dir
+from mnist_dist.preemption import PREEMPTED_EXIT
 
-pytestmark = pytest.mark.skipif(
-    bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
-)
+from .helpers import started
+
+pytestmark = [
+    pytest.mark.proof,
+    pytest.mark.skipif(
+        bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
+    ),
+]
 TINY = ("--max-train-samples", "1024", "--epochs", "2", "--wandb", "disabled", "--deterministic")
 STEPS = 8  # 1024 samples / (2 processes x 128) = 4 steps per epoch, 2 epochs
 RESULT_KEYS = (
@@ -53,45 +58,11 @@ STEP_KEYS = ("step", "train/loss", "lr")
 TIMEOUT = 400
 
 
-def environment(tmp: Path) -> dict[str, str]:
-    """TMPDIR inside the test folder: the launcher's worker-pid folders land there (see `stopped`)."""
-    (tmp / "tmp").mkdir(exist_ok=True)
-    return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp / "tmp"), WANDB_MODE="disabled")
-
-
 def train_cmd(tmp: Path, name: str, *extra: str, processes: int = 2) -> list[str]:
     return [
         *(sys.executable, "-m", "mnist_dist.cli", "train", "--output-dir", str(tmp / "runs")),
         *("--name", name, "--processes", str(processes), "--log-every", "2", *TINY, *extra),
     ]
-
-
-def _ours(pid: int, marker: str) -> bool:
-    """Whether pid is alive and was started by this test (its environment names our tmp folder)."""
-    try:
-        return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-
-
-@contextmanager
-def started(cmd: list[str], tmp: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """Run cmd in its own process group; on the way out kill what is left of it, workers included
-    (torch's agent starts them in sessions of their own, so they are found by their pid files)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp, env=environment(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            for pid_file in (tmp / "tmp").glob("mnist-dist-launch-*/pid-*"):
-                pid = int(pid_file.read_text() or 0)
-                if pid and _ours(pid, str(tmp)):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def run(cmd: list[str], tmp: Path, log: Path) -> int:
@@ -147,21 +118,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 
 def test_sigterm_stops_all_ranks_at_a_checkpoint_with_exit_75(runs: Runs) -> None:
-    assert runs.stopped_code == C.PREEMPTED_EXIT, runs.stopped_log
+    assert runs.stopped_code == PREEMPTED_EXIT, runs.stopped_log
     assert "stopped by SIGTERM" in runs.stopped_log
-    newest, older = C.candidates(runs.snapshot)  # --keep-checkpoints 2 (the default) pruned the rest
-    manifest = C.verify(newest)
+    newest, older = fmt.candidates(runs.snapshot)  # --keep-checkpoints 2 (the default) pruned the rest
+    manifest = fmt.verify(newest)
     assert manifest["reason"] == "preempted"
     assert manifest["world_size"] == 2
     assert manifest["epoch"] == 1 and 1 <= manifest["step_in_epoch"] <= 4  # in epoch 2, before its end
     assert set(manifest["files"]) >= {"random_states_0.pkl", "random_states_1.pkl", "rank_1.safetensors"}
-    assert C.step_of(older) < manifest["global_step"]
+    assert fmt.step_of(older) < manifest["global_step"]
     assert not list(runs.snapshot.glob(".tmp-*"))
 
 
 def test_resumed_run_equals_the_uninterrupted_run(runs: Runs) -> None:
     assert runs.resumed_code == 0, runs.resumed_log
-    newest = C.candidates(runs.snapshot)[0]
+    newest = fmt.candidates(runs.snapshot)[0]
     assert f"resumed from {runs.cut / 'checkpoints' / newest.name}" in runs.resumed_log
     ref, cut = load_file(str(runs.ref / "model.safetensors")), load_file(str(runs.cut / "model.safetensors"))
     assert ref.keys() == cut.keys()
@@ -189,32 +160,32 @@ def test_truncated_or_unfinished_checkpoints_are_skipped(
 ) -> None:
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(runs.snapshot, ckpts)
-    newest, older = C.candidates(ckpts)
+    newest, older = fmt.candidates(ckpts)
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # A crash mid-write leaves a .tmp- folder (never a candidate); one renamed without its manifest
     # (impossible by the protocol, but e.g. a partial copy) does not count either.
     shutil.copytree(older, ckpts / ".tmp-step-00000099")
     shutil.copytree(older, ckpts / "step-00000098")
-    (ckpts / "step-00000098" / C.MANIFEST).unlink()
-    with caplog.at_level(logging.WARNING, logger="mnist_dist.checkpoint"):
-        assert C.find_latest(ckpts) == older
+    (ckpts / "step-00000098" / fmt.MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING, logger=fmt.__name__):
+        assert fmt.find_latest(ckpts) == older
     assert "step-00000098 has no checkpoint.json" in caplog.text
     assert f"{weights} is truncated or altered" in caplog.text
     older.joinpath("trainer_state.json").write_text("{}")
-    assert C.find_latest(ckpts) is None
+    assert fmt.find_latest(ckpts) is None
 
 
 def test_a_modified_file_is_refused(runs: Runs, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(C.candidates(runs.snapshot)[0], ckpt)
+    shutil.copytree(fmt.candidates(runs.snapshot)[0], ckpt)
     blob = bytearray((ckpt / "optimizer.bin").read_bytes())
     blob[-100] ^= 0xFF  # same size, one byte changed
     (ckpt / "optimizer.bin").write_bytes(bytes(blob))
-    with pytest.raises(C.CheckpointError, match=r"optimizer\.bin changed after it was written"):
-        C.verify(ckpt)
-    with pytest.raises(C.CheckpointError, match="not a mnist-dist checkpoint"):
-        C.verify(tmp_path)
+    with pytest.raises(fmt.CheckpointError, match=r"optimizer\.bin changed after it was written"):
+        fmt.verify(ckpt)
+    with pytest.raises(fmt.CheckpointError, match="not a mnist-dist checkpoint"):
+        fmt.verify(tmp_path)
 
 
 class RunsCode:
@@ -230,18 +201,18 @@ class RunsCode:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the raw pickle below
 def test_a_pickle_that_runs_code_is_refused_without_running(runs: Runs, tmp_path: Path) -> None:
     forged = tmp_path / "forged"
-    shutil.copytree(C.candidates(runs.snapshot)[0], forged)
+    shutil.copytree(fmt.candidates(runs.snapshot)[0], forged)
     sentinel = tmp_path / "code-ran"
     torch.save({"state": RunsCode(sentinel)}, forged / "optimizer.bin")  # as a torch.save'd state
     (forged / "random_states_0.pkl").write_bytes(pickle.dumps({"state": RunsCode(sentinel)}))  # raw
     # The forger also rewrote the manifest, so only the safe loader stands in the way.
-    manifest = json.loads((forged / C.MANIFEST).read_text())
+    manifest = json.loads((forged / fmt.MANIFEST).read_text())
     for name, meta in manifest["files"].items():
-        meta.update(bytes=(forged / name).stat().st_size, sha256=C._sha256(forged / name))
-    (forged / C.MANIFEST).write_text(json.dumps(manifest))
+        meta.update(bytes=(forged / name).stat().st_size, sha256=fmt.sha256_file(forged / name))
+    (forged / fmt.MANIFEST).write_text(json.dumps(manifest))
     for name in ("optimizer.bin", "random_states_0.pkl"):
-        with pytest.raises(C.CheckpointError, match=rf"{name} does not load without running code"):
-            C.safe_torch_load(forged / name)
+        with pytest.raises(fmt.CheckpointError, match=rf"{name} does not load without running code"):
+            fmt.safe_torch_load(forged / name)
     assert not sentinel.exists(), "unpickling ran code"
     # The real resume path, one process (global batch kept at 2 x 128):
     tmp = runs.tmp
@@ -254,56 +225,17 @@ def test_a_pickle_that_runs_code_is_refused_without_running(runs: Runs, tmp_path
     assert not sentinel.exists(), "unpickling ran code"
 
 
-def test_an_incompatible_command_line_is_refused_by_name(runs: Runs) -> None:
-    ckpt = C.candidates(runs.snapshot)[0]
-    saved = json.loads((ckpt / C.STATE).read_text())
-    cfg = TrainConfig.from_dict(saved["config"])
-    plan = dict(saved["plan"])
-    C.check_compatible(saved, cfg, plan, ckpt)
-    # Another world size with the same global batch, other speed and bookkeeping options: accepted.
-    C.check_compatible(
-        saved,
-        cfg.replace(batch_size=256, compile=True, checkpoint_every=7, eval_batch_size=500, wandb="offline"),
-        {**plan, "world_size": 1},
-        ckpt,
-    )
-    with pytest.raises(ConfigError) as refused:
-        C.check_compatible(saved, cfg.replace(split_seed=1, preset="reference"), plan, ckpt)
-    assert "--split-seed 0 in the checkpoint, 1 now" in str(refused.value)
-    assert "--preset 'default' in the checkpoint, 'reference' now" in str(refused.value)
-    with pytest.raises(ConfigError, match="global batch 256 in the checkpoint, 128 now"):
-        C.check_compatible(saved, cfg, {**plan, "global_batch": 128}, ckpt)
-
-
 def test_resume_on_another_number_of_processes_finishes_the_run(runs: Runs, tmp_path: Path) -> None:
     """2 processes x 128 before the stop, 1 process x 256 after: same steps, same schedule."""
     tmp = runs.tmp
-    ckpt = C.candidates(runs.snapshot)[0]
+    ckpt = fmt.candidates(runs.snapshot)[0]
     cmd = train_cmd(tmp, "one", "--resume", str(ckpt), "--global-batch-size", "256", processes=1)
     code = run(cmd, tmp, tmp_path / "one.log")
     assert code == 0, (tmp_path / "one.log").read_text()
     summary = json.loads((tmp / "runs/one/summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == STEPS
-    last = json.loads((C.candidates(tmp / "runs/one/checkpoints")[0] / C.STATE).read_text())
+    last = json.loads((fmt.candidates(tmp / "runs/one/checkpoints")[0] / fmt.STATE).read_text())
     history = last["state"]["history"]
     assert [r["epoch"] for r in history] == [1, 2]
     ref_epoch1 = next(r for r in records(runs.ref) if r[0] == "epoch")
     assert ("epoch", *(history[0][k] for k in EPOCH_KEYS)) == ref_epoch1  # carried over unchanged
-
-
-def test_trim_metrics_drops_records_past_the_checkpoint(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    lines = [
-        {"kind": "step", "step": 2},
-        {"kind": "epoch", "epoch": 1},
-        {"kind": "step", "step": 6},
-        {"kind": "epoch", "epoch": 2},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "st')  # torn last line
-    C.trim_metrics(path, C.RunState(epoch=1, step_in_epoch=1, global_step=5))
-    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:2]
-
-
-def test_requeue_outside_slurm_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert "not running under SLURM" in C.requeue_slurm_job()

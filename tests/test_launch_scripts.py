@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import pytest
 
 from mnist_dist import data as D
 from mnist_dist.config import default_data_dir
+
+from .helpers import free_port, kill_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch" / name for name in ("train.sh", "slurm.sbatch", "slurm_multinode.sbatch")]
@@ -92,12 +93,6 @@ def test_train_sh_starts_one_process_per_visible_gpu(env: dict[str, str], proces
 
 
 # ---------------------------------------------------------------------- SLURM, end to end
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def slurm_env(tmp: Path, nodes: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE"))}
     (tmp / "slurm").mkdir(exist_ok=True)
@@ -118,13 +113,6 @@ def slurm_env(tmp: Path, nodes: int) -> dict[str, str]:
     return env
 
 
-def _ours(pid: int, marker: str) -> bool:
-    try:
-        return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-
-
 @contextmanager
 def submitted(script: Path, tmp: Path, nodes: int, log: Path) -> Iterator[subprocess.Popen]:
     """`bash script` as SLURM's batch shell; afterwards, kill whatever of the job is still alive."""
@@ -141,18 +129,10 @@ def submitted(script: Path, tmp: Path, nodes: int, log: Path) -> Iterator[subpro
             yield proc
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            srun = tmp / "slurm" / "srun.json"
-            tasks = json.loads(srun.read_text())["tasks"] if srun.is_file() else []
-            workers = [int(p.read_text() or 0) for p in (tmp / "tmp").glob("mnist-dist-launch-*/pid-*")]
-            with suppress(ProcessLookupError):
-                for pid in tasks:  # each task leads its process group: mnist-dist and its launcher
-                    if _ours(pid, str(tmp)):
-                        os.killpg(pid, signal.SIGKILL)
-                for pid in workers:  # torch's agent starts them in sessions of their own
-                    if pid and _ours(pid, str(tmp)):
-                        os.kill(pid, signal.SIGKILL)
+            kill_marked(str(tmp / "tmp"))  # srun's tasks and torch's workers run in groups of their own
 
 
 def wait_for(path: Path, proc: subprocess.Popen, log: Path) -> None:
@@ -191,6 +171,7 @@ def preempt_then_requeue(script: Path, tmp: Path, nodes: int, to_batch_shell: bo
     return first
 
 
+@pytest.mark.proof
 @needs_mnist
 def test_slurm_single_node_job_is_preempted_requeued_and_finishes(tmp_path: Path) -> None:
     first = preempt_then_requeue(SBATCH[0], tmp_path, nodes=1, to_batch_shell=True)
@@ -202,6 +183,7 @@ def test_slurm_single_node_job_is_preempted_requeued_and_finishes(tmp_path: Path
     assert summary["world_size"] == 1 and summary["steps"] == 8
 
 
+@pytest.mark.proof
 @needs_mnist
 def test_slurm_two_node_job_is_preempted_requeued_and_finishes(tmp_path: Path) -> None:
     first = preempt_then_requeue(SBATCH[1], tmp_path, nodes=2, to_batch_shell=False)

@@ -17,8 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
-import mnist_dist.train as T
-from mnist_dist import checkpoint as C
+import mnist_dist.trainer as T
+from mnist_dist import checkpoint_format as C
 from mnist_dist.config import TrainConfig
 
 CLEAN = {"rotate": 0.0, "translate": 0.0, "scale": 0.0, "elastic": 0.0}
