@@ -5,7 +5,7 @@
 Three measurements of the same model step (Net, same optimizer, batch, precision and speed options), taken
 in one process and interleaved round by round, so a machine whose speed drifts moves all three alike:
 
-- loop: the real ``mnist_dist.train.train`` on a slice of the training split, in a temporary run folder.
+- loop: the real ``mnist_dist.trainer.train`` on a slice of the training split, in a temporary run folder.
   Its first epoch is warm-up (and compilation); images/s come from the later epochs' own timings
   (``metrics.jsonl``), which leave out evaluation.
 - bare: forward, backward and optimizer step over batches gathered and augmented in advance on the
@@ -14,7 +14,7 @@ in one process and interleaved round by round, so a machine whose speed drifts m
   fill=(0,))``, ``ToTensor`` and ``Normalize``, feeding the same model step. The baseline to beat.
 
 On a GPU every interval is measured with CUDA events around the queued work (the loop's epochs are
-bracketed by ``torch.cuda.synchronize`` in ``train``). Warm-up is timed and reported apart.
+bracketed by ``torch.cuda.synchronize`` in the trainer). Warm-up is timed and reported apart.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,28 +38,27 @@ import torch
 import torch.nn.functional as F
 
 from mnist_dist import data as D
-from mnist_dist.config import TrainConfig, default_data_dir, from_preset
+from mnist_dist.config import TrainConfig, default_data_dir, reference
+from mnist_dist.files import write_text_atomic
 from mnist_dist.model import build_model
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 Chunk = tuple[float, float | None, int]  # wall seconds, CPU seconds (None: not known), images
-# The config fields that decide a step's cost, recorded with every result.
-REPORTED_FIELDS = (
-    "preset", "model", "precision", "compile", "channels_last", "batch_size", "optimizer",
+Rounds = dict[str, list[dict[str, Any]]]  # measurement -> one result per round
+# The config fields that decide a step's cost: recorded with every result, and (with the threads
+# and the data) the recipe options of `mnist-dist bench`, generated from TrainConfig like train's.
+STEP_FIELDS = (
+    "model", "precision", "compile", "channels_last", "batch_size", "optimizer",
     "rotate", "translate", "scale", "interpolation", "elastic", "ema",
 )  # fmt: skip
+OPTION_FIELDS = (*STEP_FIELDS, "threads", "data_dir")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """What to time. Model and speed options not given come from the preset, as in ``train``."""
+    """What to time: a recipe (a preset with TrainConfig options on top, as in ``train``) and how."""
 
-    preset: str = "reference"
-    precision: str | None = None
-    compile: bool | None = None
-    channels_last: bool | None = None
-    batch_size: int | None = None
-    threads: int | None = None
+    recipe: TrainConfig = field(default_factory=reference)
     max_train_samples: int = 10_240
     epochs: int = 2  # timed epochs of the loop, after one warm-up epoch
     steps: int | None = None  # timed steps of bare and conventional (default: the loop's timed steps)
@@ -67,25 +66,23 @@ class BenchOptions:
     rounds: int = 3
     workers: int | None = None  # conventional DataLoader workers (default: min(4, cores))
     conventional: bool = True
-    data_dir: str | None = None
 
     def train_config(self, output_dir: str, name: str) -> TrainConfig:
         """The config the loop runs with; bare and conventional read their options from it too."""
-        cfg = from_preset(
-            self.preset,
-            precision=self.precision,
-            compile=self.compile,
-            channels_last=self.channels_last,
-            batch_size=self.batch_size,
-            threads=self.threads or os.cpu_count() or 1,
+        cfg = self.recipe.replace(
+            threads=self.recipe.threads or os.cpu_count() or 1,
             max_train_samples=self.max_train_samples,
             epochs=1 + self.epochs,
-            data_dir=self.data_dir,
             output_dir=output_dir,
             name=name,
             wandb="disabled",
         )
         return cfg.validate(world_size=1, cuda=torch.cuda.is_available())
+
+    def record(self) -> dict[str, Any]:
+        """The options as the JSON reports them: the recipe's preset and options, then bench's own."""
+        own = {k: v for k, v in asdict(self).items() if k != "recipe"}
+        return {"preset": self.recipe.preset, **{k: getattr(self.recipe, k) for k in OPTION_FIELDS}, **own}
 
 
 # ---------------------------------------------------------------------- timing
@@ -108,7 +105,7 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
 
 def model_step(cfg: TrainConfig, device: torch.device) -> Step:
     """A fresh model's forward/backward/optimizer step with the loop's optimizer, precision and options."""
-    from mnist_dist.train import build_optimizer
+    from mnist_dist.optim import build_optimizer
 
     net = build_model(cfg.model).to(device)
     if cfg.channels_last:
@@ -186,8 +183,8 @@ def bench_bare(cfg: TrainConfig, split: D.DeviceSplit, steps: int, chunk: int, w
 
 def bench_loop(opts: BenchOptions, out_dir: Path, name: str) -> dict[str, Any]:
     """The real training loop: ``train`` itself on the slice; epoch 1 is warm-up, the rest are timed."""
-    from mnist_dist.tracking import read_metrics
-    from mnist_dist.train import train
+    from mnist_dist.runfiles import read_metrics
+    from mnist_dist.trainer import train
 
     cfg = opts.train_config(str(out_dir), name)
     log = io.StringIO()
@@ -275,55 +272,70 @@ def bench_conventional(
 
 
 # ---------------------------------------------------------------------- the whole benchmark
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({os.cpu_count()} cores)"
-
-
 def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
     """Time loop, bare step and conventional pipeline in interleaved rounds; return every number."""
+    from mnist_dist.distributed import device_name
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
         cfg = opts.train_config(tmp, "check")
-        threads = cfg.threads or 1
         data_root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-        splits = D.device_splits(D.load_mnist(data_root), cfg.split_seed, device, cfg.max_train_samples)
-        split = splits["train"]
+        split = D.device_splits(D.load_mnist(data_root), cfg.split_seed, device, cfg.max_train_samples)[
+            "train"
+        ]
         steps_per_epoch = -(-len(split) // cfg.batch_size)
         steps = opts.steps or opts.epochs * steps_per_epoch
         workers = opts.workers if opts.workers is not None else min(4, os.cpu_count() or 1)
-        kinds = ["loop", "bare"] + (["conventional"] if opts.conventional else [])
-        rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
         with torchvision_root(data_root) as tv_root:
 
             def measure(kind: str, r: int) -> dict[str, Any]:
                 if kind == "loop":
                     return bench_loop(opts, Path(tmp), f"loop-{r}")
-                torch.set_num_threads(threads)  # what train() sets for itself
+                torch.set_num_threads(cfg.threads or 1)  # what the trainer sets for itself
                 if kind == "bare":
                     return bench_bare(cfg, split, steps, steps_per_epoch, opts.warmup_steps)
                 return bench_conventional(
                     cfg, tv_root, device, steps, steps_per_epoch, opts.warmup_steps, workers
                 )
 
-            for r in range(opts.rounds):
-                # The loop goes first, so its warm-up is a cold start's (compilation included).
-                for kind in kinds:
-                    rounds[kind].append(res := measure(kind, r))
-                    print(
-                        f"round {r + 1}/{opts.rounds} {kind}: {res['images_per_second']:,.0f} img/s "
-                        f"(warm-up {res['warmup_seconds']:.2f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            rounds = _interleaved(opts, measure)
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "accelerate": _version("accelerate"),
+        "python": platform.python_version(),
+        "options": {**opts.record(), "workers": workers, "steps": steps},
+        "config": {k: getattr(cfg, k) for k in ("preset", *STEP_FIELDS)},
+        "threads": cfg.threads,
+        "train_samples": len(split),
+        "steps_per_epoch": steps_per_epoch,
+        **_results(rounds, device, opts.recipe),
+    }
 
+
+def _interleaved(opts: BenchOptions, measure: Callable[[str, int], dict[str, Any]]) -> Rounds:
+    """Every measurement once per round, the loop first, so its warm-up is a cold start's
+    (compilation included) and a machine whose speed drifts moves all of them alike."""
+    kinds = ["loop", "bare"] + (["conventional"] if opts.conventional else [])
+    rounds: Rounds = {k: [] for k in kinds}
+    for r in range(opts.rounds):
+        for kind in kinds:
+            rounds[kind].append(res := measure(kind, r))
+            print(
+                f"round {r + 1}/{opts.rounds} {kind}: {res['images_per_second']:,.0f} img/s "
+                f"(warm-up {res['warmup_seconds']:.2f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rounds
+
+
+def _results(rounds: Rounds, device: torch.device, recipe: TrainConfig) -> dict[str, Any]:
+    """Medians over rounds, the loop's ratios to the others, and the recipe's projected time."""
     results = {
         kind: {
             "images_per_second": statistics.median(r["images_per_second"] for r in rs),
@@ -334,11 +346,8 @@ def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
         for kind, rs in rounds.items()
     }
     ratios: dict[str, Any] = {}
-    for base in kinds[1:]:
-        paired = [
-            lp["images_per_second"] / b["images_per_second"]
-            for lp, b in zip(rounds["loop"], rounds[base], strict=True)
-        ]
+    for base in [k for k in rounds if k != "loop"]:
+        paired = [lp["images_per_second"] / b["images_per_second"] for lp, b in _pairs(rounds, base)]
         ratios[f"loop_over_{base}"] = statistics.median(paired)
         ratios[f"loop_over_{base}_rounds"] = paired
         ratios[f"loop_over_{base}_best"] = (
@@ -346,41 +355,22 @@ def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
         )
     if device.type == "cpu":  # images per CPU-second: blind to time spent waiting for a core
         paired = [
-            lp["images_per_cpu_second"] / b["images_per_cpu_second"]
-            for lp, b in zip(rounds["loop"], rounds["bare"], strict=True)
+            lp["images_per_cpu_second"] / b["images_per_cpu_second"] for lp, b in _pairs(rounds, "bare")
         ]
         ratios["loop_over_bare_cpu_time"] = statistics.median(paired)
         ratios["loop_over_bare_cpu_time_rounds"] = paired
-    recipe = from_preset(opts.preset)
-    recipe_images = recipe.epochs * D.N_TRAIN
-    return {
-        "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "accelerate": _version("accelerate"),
-        "python": platform.python_version(),
-        "options": {**asdict(opts), "workers": workers, "steps": steps},
-        "config": {k: getattr(cfg, k) for k in REPORTED_FIELDS},
-        "threads": threads,
-        "train_samples": len(split),
-        "steps_per_epoch": steps_per_epoch,
-        "results": results,
-        "ratios": ratios,
-        # The recipe's training time at the measured rates (the loop's plus its warm-up).
-        "recipe": {
-            "preset": opts.preset,
-            "epochs": recipe.epochs,
-            "images": recipe_images,
-            "seconds": {
-                kind: recipe_images / res["images_per_second"]
-                + (res["warmup_seconds"] if kind == "loop" else 0)
-                for kind, res in results.items()
-            },
-        },
+    images = recipe.epochs * D.N_TRAIN
+    seconds = {
+        kind: images / res["images_per_second"] + (res["warmup_seconds"] if kind == "loop" else 0)
+        for kind, res in results.items()
     }
+    # The recipe's training time at the measured rates (the loop's plus its warm-up).
+    recipe_record = {"preset": recipe.preset, "epochs": recipe.epochs, "images": images, "seconds": seconds}
+    return {"results": results, "ratios": ratios, "recipe": recipe_record}
+
+
+def _pairs(rounds: Rounds, base: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return list(zip(rounds["loop"], rounds[base], strict=True))
 
 
 def _version(package: str) -> str | None:
@@ -444,4 +434,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")

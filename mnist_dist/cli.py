@@ -1,7 +1,8 @@
 """The ``mnist-dist`` command line: thin commands that parse, validate and call plain functions.
 
 mnist-dist train [--preset default] [--processes N] [OPTIONS]
-mnist-dist evaluate runs/<name>/model.safetensors
+mnist-dist train --config runs/<name>/config.json [OPTIONS]   # a saved config, options on top
+mnist-dist evaluate runs/<name>
 mnist-dist report runs/<name>
 mnist-dist bench [--precision bf16] [--compile] [--json bench.json]
 mnist-dist summary
@@ -12,14 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 import sys
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 
-from mnist_dist.config import PRESETS, ConfigError, TrainConfig, default_data_dir, from_preset
+from mnist_dist import env
+from mnist_dist.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    check_run_dir_free,
+    default_data_dir,
+    from_preset,
+    read_config_file,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -28,15 +41,8 @@ app = typer.Typer(
     help="Train the reference Net on MNIST, the same way on a CPU, one GPU, N GPUs or a cluster.",
 )
 
-_TYPES: dict[str, Any] = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    "int | None": Optional[int],  # noqa: UP045 - Typer needs the runtime object
-    "str | None": Optional[str],  # noqa: UP045
-}
 LAUNCH_OPTIONS = ("processes", "nodes", "node_rank", "main_address", "main_port")
+KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -45,6 +51,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+# ---------------------------------------------------------------------- options from TrainConfig
 def _number_parser(kind: type) -> Any:
     """Typer's own message for `--epochs abc` does not repeat the value: this one does."""
     word = "an integer" if kind is int else "a number"
@@ -58,105 +65,208 @@ def _number_parser(kind: type) -> Any:
     return parse
 
 
-def _config_parameters() -> list[inspect.Parameter]:
-    """One CLI option per TrainConfig field; None means 'take it from the preset'."""
-    base = TrainConfig()
+def option_type(hint: Any) -> Any:
+    """The type an option of a field of this type hint parses to: the hint without its None (every
+    option may be left out, which means 'keep the recipe's value')."""
+    if get_origin(hint) in (Union, types.UnionType):
+        rest = [a for a in get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def _preset_note(name: str, default: Any, base: str) -> str:
+    """What the option's value is when left out: the command's preset's, and any other preset's."""
+    values = {p: getattr(make(), name, default) for p, make in PRESETS.items()}
+    if values[base] is None:
+        return ""
+    others = "".join(f"; {p} preset: {v}" for p, v in values.items() if p != base and v != values[base])
+    return f" (default: {values[base]}{others})"
+
+
+def config_parameters(
+    cls: type[TrainConfig] = TrainConfig, names: Sequence[str] | None = None, base: str = "default"
+) -> list[inspect.Parameter]:
+    """One CLI option per config field (or per field named), typed by the field's type hint;
+    None means 'not given'. ``base`` is the preset the command starts from, for the help's notes."""
+    hints = get_type_hints(cls)
     params = []
-    for f in dataclasses.fields(TrainConfig):
-        shown = getattr(PRESETS["default"](), f.name)
-        ref = getattr(base, f.name)
-        note = f"(default: {shown}" + (f"; reference preset: {ref})" if ref != shown else ")")
-        help_text = f"{f.metadata['help']} {note}" if f.name != "preset" else f.metadata["help"]
-        kind = f.type.removesuffix(" | None")
-        parser = _number_parser(_TYPES[kind]) if kind in ("int", "float") else None
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        kind = option_type(hints[f.name])
+        note = "" if f.name == "preset" else _preset_note(f.name, f.default, base)
         option = typer.Option(
-            help=help_text, rich_help_panel=f.metadata["panel"], show_default=False, parser=parser
+            help=f.metadata["help"] + note,
+            rich_help_panel=f.metadata["panel"],
+            show_default=False,
+            parser=_number_parser(kind) if kind in (int, float) else None,
         )
-        annotation = Annotated[_TYPES[f.type] if f.type.endswith("None") else _TYPES[f.type] | None, option]
-        params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-        )
+        annotation = Annotated[Optional[kind], option]  # noqa: UP045 - Typer reads the runtime object
+        params.append(inspect.Parameter(f.name, KW, default=None, annotation=annotation))
     return params
 
 
+_CONFIG_PARAMS = [
+    inspect.Parameter(
+        "config_file", KW, default=None,
+        annotation=Annotated[Optional[Path], typer.Option("--config", help="JSON file of config fields (e.g. a run's config.json): the recipe, which the options given override. Not with --preset.", rich_help_panel="Run")],  # noqa: UP045
+    ),
+    inspect.Parameter(
+        "print_config", KW, default=False,
+        annotation=Annotated[bool, typer.Option("--print-config", help="Print the resolved, validated config as JSON (a --config file) and exit, doing nothing else.", rich_help_panel="Run")],
+    ),
+]  # fmt: skip
+
 _LAUNCH_PARAMS = [
     inspect.Parameter(
-        "processes", inspect.Parameter.KEYWORD_ONLY, default=1,
+        "processes", KW, default=1,
         annotation=Annotated[int, typer.Option(min=1, help="Processes (GPUs, or CPU ranks) per node.", rich_help_panel="Distributed")],
     ),
     inspect.Parameter(
-        "nodes", inspect.Parameter.KEYWORD_ONLY, default=1,
+        "nodes", KW, default=1,
         annotation=Annotated[int, typer.Option(min=1, help="Nodes (machines) in the run.", rich_help_panel="Distributed")],
     ),
     inspect.Parameter(
-        "node_rank", inspect.Parameter.KEYWORD_ONLY, default=0,
+        "node_rank", KW, default=0,
         annotation=Annotated[int, typer.Option(min=0, help="This node's rank, 0..nodes-1.", rich_help_panel="Distributed")],
     ),
     inspect.Parameter(
-        "main_address", inspect.Parameter.KEYWORD_ONLY, default="127.0.0.1",
+        "main_address", KW, default="127.0.0.1",
         annotation=Annotated[str, typer.Option(help="Address of node 0.", rich_help_panel="Distributed")],
     ),
     inspect.Parameter(
-        "main_port", inspect.Parameter.KEYWORD_ONLY, default=None,
+        "main_port", KW, default=None,
         annotation=Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port on node 0 (default: a free one; required with --nodes > 1).", rich_help_panel="Distributed")],  # noqa: UP045
     ),
 ]  # fmt: skip
 
 
-def config_from_options(options: dict[str, Any]) -> TrainConfig:
-    """The preset's config with the options the user gave on top."""
-    preset = options.pop("preset", None) or "default"
-    return from_preset(preset, **options)
+def config_command(
+    run: Callable[..., None],
+    extra: list[inspect.Parameter],
+    doc: str,
+    names: Sequence[str] | None = None,
+    base: str = "default",
+    cls: type[TrainConfig] = TrainConfig,
+) -> Callable[..., None]:
+    """A Typer command whose options are the config's fields (or those named) plus ``extra``."""
+
+    def command(**options: Any) -> None:
+        run(**options)
+
+    params = [*config_parameters(cls, names, base), *extra]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
 
 
-def _under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+def config_from_options(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:
+    """The recipe (the --config file's, else the preset's) with the options the user gave on top."""
+    preset = options.pop("preset", None)
+    given = {k: v for k, v in options.items() if v is not None}
+    if config_file is None:
+        return from_preset(preset or "default", **given)
+    if preset is not None:
+        raise ConfigError(
+            f"--preset {preset} cannot be combined with --config: the file carries its own recipe "
+            "(its 'preset' field); override single fields with their options instead"
+        )
+    return read_config_file(config_file).replace(**given)
 
 
-def run_train(**options: Any) -> None:
-    """Validate everything, then train here or launch the ranks."""
+def _cuda() -> bool:
     import torch
 
-    from mnist_dist import data as D
-    from mnist_dist.train import default_run_name, train
+    return torch.cuda.is_available()
 
-    launch = {k: options.pop(k) for k in LAUNCH_OPTIONS}
-    world = launch["processes"] * launch["nodes"]
+
+# ---------------------------------------------------------------------- train
+def _under_launcher() -> bool:
+    return env.LOCAL_RANK in os.environ or int(os.environ.get(env.WORLD_SIZE, "1")) > 1
+
+
+def _world_size(launch: dict[str, Any]) -> int:
+    """The world this command trains in: its launcher's when it is one rank, else the one it launches."""
+    if _under_launcher() and env.WORLD_SIZE in os.environ:
+        return int(os.environ[env.WORLD_SIZE])
+    return launch["processes"] * launch["nodes"]
+
+
+def _train_config(options: dict[str, Any], config_file: Path | None, launch: dict[str, Any]) -> TrainConfig:
+    """The validated config of this command, for the world it will run in."""
+    world = _world_size(launch)
     try:
-        cfg = config_from_options(options)
-        cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+        cfg = config_from_options(options, config_file).validate(world_size=world, cuda=_cuda())
         if launch["node_rank"] >= launch["nodes"]:
             raise ConfigError(f"--node-rank must be in 0..{launch['nodes'] - 1}, got {launch['node_rank']}")
         if launch["nodes"] > 1 and launch["main_port"] is None:
             raise ConfigError("--main-port is required with --nodes > 1 (every node must use the same one)")
     except ConfigError as e:
         raise fail(str(e)) from None
+    return cfg
+
+
+def run_train(config_file: Path | None, print_config: bool, **options: Any) -> None:
+    """Validate everything, then print the config, train here or launch the ranks."""
+    from mnist_dist import data as D
+
+    launch = {k: options.pop(k) for k in LAUNCH_OPTIONS}
+    cfg = _train_config(options, config_file, launch)
+    if print_config:
+        typer.echo(cfg.to_json())
+        return
     if _under_launcher():  # we are one rank of a launch: train here
-        _train_or_fail(train, cfg)
+        _train_or_fail(cfg)
         return
     if cfg.name is None:
+        from mnist_dist.trainer import default_run_name
+
         cfg = cfg.replace(name=default_run_name(cfg))
-    run_dir = Path(cfg.output_dir) / cfg.name
     # Only node 0 checks: on other nodes, node 0's rank 0 may already have created the folder.
-    if launch["node_rank"] == 0 and run_dir.exists() and cfg.resume is None:
-        raise fail(
-            f"run folder {run_dir} already exists; pick another --name, or --resume auto to continue it"
-        )
+    if launch["node_rank"] == 0:
+        try:
+            check_run_dir_free(Path(cfg.output_dir) / cfg.name, cfg.resume)
+        except ConfigError as e:
+            raise fail(str(e)) from None
     try:  # verify (or download) the data once, before N ranks start
         D.load_mnist(Path(cfg.data_dir) if cfg.data_dir else default_data_dir())
     except D.DataError as e:
         raise fail(str(e), code=1) from None
-    if world == 1:
-        _train_or_fail(train, cfg)
-        return
-    from mnist_dist.checkpoint import PREEMPTED_EXIT
+    if _world_size(launch) == 1:
+        _train_or_fail(cfg)
+    else:
+        _launch_or_fail(cfg, launch)
+
+
+def _train_or_fail(cfg: TrainConfig) -> None:
+    from mnist_dist.checkpoint_format import CheckpointError
+    from mnist_dist.data import DataError
+    from mnist_dist.preemption import Preempted
+    from mnist_dist.trainer import train
+
+    try:
+        train(cfg)
+    except Preempted as e:  # the main process already said where the checkpoint is
+        raise typer.Exit(e.exit_code) from None
+    except (ConfigError, CheckpointError) as e:
+        raise fail(str(e)) from None
+    except DataError as e:
+        raise fail(str(e), code=1) from None
+
+
+def _launch_or_fail(cfg: TrainConfig, launch: dict[str, Any]) -> None:
     from mnist_dist.launch import launch as launch_ranks
+    from mnist_dist.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
     code = launch_ranks(cfg, **launch)
-    if code == PREEMPTED_EXIT:
+    stopped = {
+        PREEMPTED_EXIT: "preempted: the ranks saved a checkpoint and stopped",
+        INTERRUPTED_EXIT: "interrupted: the ranks stopped (after a checkpoint, if they were training)",
+    }
+    if code in stopped:
         typer.secho(
-            f"preempted: the ranks saved a checkpoint and stopped (exit code {code}); "
-            "the same command with --resume auto continues the run",
+            f"{stopped[code]} (exit code {code}); the same command with --resume auto continues the run",
             fg=typer.colors.YELLOW,
             err=True,
         )
@@ -165,67 +275,54 @@ def run_train(**options: Any) -> None:
         raise fail(f"training failed: a rank exited with code {code} (its error is shown above)", code=code)
 
 
-def _train_or_fail(train: Any, cfg: TrainConfig) -> None:
-    from mnist_dist.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
-    from mnist_dist.data import DataError
-
-    try:
-        train(cfg)
-    except Preempted:  # the main process already said where the checkpoint is
-        raise typer.Exit(PREEMPTED_EXIT) from None
-    except (ConfigError, CheckpointError) as e:
-        raise fail(str(e)) from None
-    except DataError as e:
-        raise fail(str(e), code=1) from None
-
-
-def _config_command(run: Any, extra: list[inspect.Parameter], doc: str) -> Any:
-    """A Typer command whose options are every TrainConfig field plus ``extra``."""
-
-    def command(**options: Any) -> None:
-        run(**options)
-
-    params = [*_config_parameters(), *extra]
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    return command
-
-
-def _make_train_command() -> Any:
-    return _config_command(
+def _make_train_command() -> Callable[..., None]:
+    return config_command(
         run_train,
-        _LAUNCH_PARAMS,
-        "Train Net. Options not given come from --preset; --processes/--nodes launch ranks through Accelerate.",
+        [*_CONFIG_PARAMS, *_LAUNCH_PARAMS],
+        "Train Net. Options not given come from --preset (or --config); --processes/--nodes launch ranks "
+        "through Accelerate.",
     )
 
 
-def run_sweep_command(seeds: str, jobs: int, json_path: Path | None, **options: Any) -> None:
-    """Validate, run every seed, print the table and write the JSON."""
-    import json
-
-    import torch
-
-    from mnist_dist.sweep import format_table, run_sweep
-
+# ---------------------------------------------------------------------- sweep
+def _parse_seeds(seeds: str) -> list[int]:
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise fail(f"--seeds must be comma-separated integers like 1,2,3; got {seeds!r}") from None
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise fail(f"--seeds must name at least one seed, each once; got {seeds!r}")
+    return seed_list
+
+
+def run_sweep_command(
+    seeds: str,
+    jobs: int,
+    json_path: Path | None,
+    config_file: Path | None,
+    print_config: bool,
+    **options: Any,
+) -> None:
+    """Validate, run every seed, print the table and write the JSON."""
+    from mnist_dist.files import write_text_atomic
+    from mnist_dist.sweep import format_table, run_sweep, seed_run_name
+
+    seed_list = _parse_seeds(seeds)
     try:
-        cfg = config_from_options(options)
-        cfg = cfg.replace(name=cfg.name or f"sweep-{cfg.preset}").validate(cuda=torch.cuda.is_available())
+        cfg = config_from_options(options, config_file)
+        cfg = cfg.replace(name=cfg.name or f"sweep-{cfg.preset}").validate(cuda=_cuda())
+        if print_config:
+            typer.echo(cfg.to_json())
+            return
+        for seed in seed_list:
+            check_run_dir_free(Path(cfg.output_dir) / seed_run_name(cfg.name, seed), cfg.resume)
     except ConfigError as e:
         raise fail(str(e)) from None
-    clashes = [s for s in seed_list if (Path(cfg.output_dir) / f"{cfg.name}-seed{s}").exists()]
-    if clashes:
-        raise fail(f"run folders for seeds {clashes} already exist in {cfg.output_dir}; pick another --name")
     result = run_sweep(cfg, seed_list, jobs)
     typer.echo(format_table(result))
-    out = json_path or Path(cfg.output_dir) / f"{cfg.name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_text_atomic(
+        json_path or Path(cfg.output_dir) / f"{cfg.name}.json", json.dumps(result, indent=2) + "\n"
+    )
     typer.echo(f"wrote {out}")
     if result["failed_seeds"]:
         raise typer.Exit(1)
@@ -233,23 +330,24 @@ def run_sweep_command(seeds: str, jobs: int, json_path: Path | None, **options: 
 
 _SWEEP_PARAMS = [
     inspect.Parameter(
-        "seeds", inspect.Parameter.KEYWORD_ONLY, default="1,2,3",
+        "seeds", KW, default="1,2,3",
         annotation=Annotated[str, typer.Option(help="Comma-separated training seeds.", rich_help_panel="Sweep")],
     ),
     inspect.Parameter(
-        "jobs", inspect.Parameter.KEYWORD_ONLY, default=1,
-        annotation=Annotated[int, typer.Option(min=1, help="Runs at a time (CPU threads are shared among them).", rich_help_panel="Sweep")],
+        "jobs", KW, default=1,
+        annotation=Annotated[int, typer.Option(min=1, help="Runs at a time (CPU threads are shared among them unless --threads is given).", rich_help_panel="Sweep")],
     ),
     inspect.Parameter(
-        "json_path", inspect.Parameter.KEYWORD_ONLY, default=None,
+        "json_path", KW, default=None,
         annotation=Annotated[Optional[Path], typer.Option("--json", help="Where to write the results (default: <output-dir>/<name>.json).", rich_help_panel="Sweep")],  # noqa: UP045
     ),
+    *_CONFIG_PARAMS,
 ]  # fmt: skip
 
 
 app.command("train")(_make_train_command())
 app.command("sweep")(
-    _config_command(
+    config_command(
         run_sweep_command,
         _SWEEP_PARAMS,
         "Train several seeds of a recipe and report final-epoch val/test accuracy: per seed, mean, std, min, max.",
@@ -270,7 +368,7 @@ def summary() -> None:
 def download(
     data_dir: Annotated[
         Path | None,
-        typer.Option(help="Where to stage MNIST/raw/*.gz (env MNIST_DATA_DIR, else a user cache)."),
+        typer.Option(help=f"Where to stage MNIST/raw/*.gz (env {env.DATA_DIR}, else a user cache)."),
     ] = None,
 ) -> None:
     """Download and verify MNIST, e.g. on a login node, for compute nodes without network."""
@@ -281,28 +379,39 @@ def download(
         D.load_mnist(root)
     except D.DataError as e:
         raise fail(str(e), code=1) from None
-    typer.echo(f"MNIST verified in {D.raw_dir(root)}; use --data-dir {root} (or MNIST_DATA_DIR={root})")
+    typer.echo(f"MNIST verified in {D.raw_dir(root)}; use --data-dir {root} (or {env.DATA_DIR}={root})")
 
 
 @app.command()
 def evaluate(
     weights: Annotated[
-        Path, typer.Argument(help="model.safetensors of a run, or a reference-design state dict (.pt/.pth).")
+        Path,
+        typer.Argument(
+            metavar="WEIGHTS_OR_RUN",
+            help="A run folder, its model.safetensors, or a reference-design state dict (.pt/.pth).",
+        ),
     ],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Model the weights are for; default: the run's config.json, else the tensor shapes."
+        ),
+    ] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,  # noqa: UP045
     split_seed: Annotated[int, typer.Option(help="Split seed the weights were trained with.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch.")] = 2000,
 ) -> None:
     """Validation and test accuracy of saved weights (loaded without executing code)."""
     from mnist_dist import data as D
-    from mnist_dist.evaluate import WeightsError, evaluate_weights
+    from mnist_dist.evaluate import evaluate_weights
+    from mnist_dist.weights import WeightsError
 
-    if not weights.is_file():
-        raise fail(f"weights file {weights} does not exist")
+    if not weights.exists():
+        raise fail(f"weights file or run folder {weights} does not exist")
     if data_dir is not None and not data_dir.is_dir():
         raise fail(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
     try:
-        result = evaluate_weights(weights, data_dir or default_data_dir(), split_seed, batch_size)
+        result = evaluate_weights(weights, data_dir or default_data_dir(), split_seed, batch_size, model)
     except WeightsError as e:
         raise fail(str(e)) from None
     except D.DataError as e:
@@ -318,7 +427,8 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (holds metrics.jsonl).")],
 ) -> None:
     """Draw a run's pictures again (curves, confusion matrix, misclassified digits) from its files."""
-    from mnist_dist.plots import RunFilesError, render_run
+    from mnist_dist.plots import render_run
+    from mnist_dist.runfiles import RunFilesError
 
     if not run_dir.is_dir():
         raise fail(f"run folder {run_dir} does not exist or is not a directory")
@@ -332,67 +442,30 @@ def report(
         typer.echo(f"skipped {reason}")
 
 
-@app.command()
-def bench(
-    preset: Annotated[
-        str, typer.Option(help="Recipe timed and projected: reference or default.")
-    ] = "reference",
-    precision: Annotated[
-        str | None, typer.Option(help="no, bf16 or fp16 (GPU only) (default: the preset's).")
-    ] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option("--compile/--no-compile", help="torch.compile the model (default: the preset's)."),
-    ] = None,
-    channels_last: Annotated[
-        bool | None,
-        typer.Option(
-            "--channels-last/--no-channels-last", help="channels_last memory format (default: the preset's)."
-        ),
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the preset's).")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
-    max_train_samples: Annotated[
-        int, typer.Option(min=1, max=50_000, help="Training samples the loop runs over.")
-    ] = 10_240,
-    epochs: Annotated[
-        int, typer.Option(min=1, help="Timed epochs of the loop, after one warm-up epoch.")
-    ] = 2,
-    steps: Annotated[
-        int | None,
-        typer.Option(min=1, help="Timed steps of bare step and conventional pipeline (default: the loop's)."),
-    ] = None,
-    warmup_steps: Annotated[
-        int, typer.Option(min=1, help="Untimed steps before bare and conventional timings.")
-    ] = 10,
-    rounds: Annotated[
-        int, typer.Option(min=1, help="Interleaved rounds of all measurements; medians are reported.")
-    ] = 3,
-    workers: Annotated[
-        int | None,
-        typer.Option(min=0, help="DataLoader workers of the conventional pipeline (default: min(4, cores))."),
-    ] = None,
-    conventional: Annotated[
-        bool, typer.Option("--conventional/--no-conventional", help="Also time the conventional pipeline.")
-    ] = True,
-    data_dir: Annotated[Path | None, typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write every number as JSON.")] = Path(
-        "bench.json"
-    ),
+# ---------------------------------------------------------------------- bench
+def run_bench_command(
+    preset: str,
+    max_train_samples: int,
+    epochs: int,
+    steps: int | None,
+    warmup_steps: int,
+    rounds: int,
+    workers: int | None,
+    conventional: bool,
+    json_path: Path,
+    **options: Any,
 ) -> None:
-    """Time the training loop against the bare model step (its ceiling) and the conventional pipeline."""
+    """Validate the recipe and the timing options, time them, print the table and write the JSON."""
     import shlex
 
     from mnist_dist import data as D
     from mnist_dist.bench import BenchOptions, format_table, run_bench, write_json
 
-    opts = BenchOptions(
-        preset=preset, precision=precision, compile=compile, channels_last=channels_last,
-        batch_size=batch_size, threads=threads, max_train_samples=max_train_samples, epochs=epochs,
-        steps=steps, warmup_steps=warmup_steps, rounds=rounds, workers=workers,
-        conventional=conventional, data_dir=str(data_dir) if data_dir else None,
-    )  # fmt: skip
     try:
+        opts = BenchOptions(
+            from_preset(preset, **options), max_train_samples=max_train_samples, epochs=epochs, steps=steps,
+            warmup_steps=warmup_steps, rounds=rounds, workers=workers, conventional=conventional,
+        )  # fmt: skip
         opts.train_config("runs", "bench")
         result = run_bench(opts, command=shlex.join(["mnist-dist", *sys.argv[1:]]))
     except ConfigError as e:
@@ -402,6 +475,61 @@ def bench(
     typer.echo(format_table(result))
     write_json(result, json_path)
     typer.echo(f"wrote {json_path}")
+
+
+_BENCH_PARAMS = [
+    inspect.Parameter(
+        "preset", KW, default="reference",
+        annotation=Annotated[str, typer.Option(help="Recipe timed and projected: reference or default.", rich_help_panel="Run")],
+    ),
+    inspect.Parameter(
+        "max_train_samples", KW, default=10_240,
+        annotation=Annotated[int, typer.Option(help="Training samples the loop runs over.", rich_help_panel="Bench")],
+    ),
+    inspect.Parameter(
+        "epochs", KW, default=2,
+        annotation=Annotated[int, typer.Option(min=1, help="Timed epochs of the loop, after one warm-up epoch.", rich_help_panel="Bench")],
+    ),
+    inspect.Parameter(
+        "steps", KW, default=None,
+        annotation=Annotated[Optional[int], typer.Option(min=1, help="Timed steps of bare step and conventional pipeline (default: the loop's).", rich_help_panel="Bench")],  # noqa: UP045
+    ),
+    inspect.Parameter(
+        "warmup_steps", KW, default=10,
+        annotation=Annotated[int, typer.Option(min=1, help="Untimed steps before bare and conventional timings.", rich_help_panel="Bench")],
+    ),
+    inspect.Parameter(
+        "rounds", KW, default=3,
+        annotation=Annotated[int, typer.Option(min=1, help="Interleaved rounds of all measurements; medians are reported.", rich_help_panel="Bench")],
+    ),
+    inspect.Parameter(
+        "workers", KW, default=None,
+        annotation=Annotated[Optional[int], typer.Option(min=0, help="DataLoader workers of the conventional pipeline (default: min(4, cores)).", rich_help_panel="Bench")],  # noqa: UP045
+    ),
+    inspect.Parameter(
+        "conventional", KW, default=True,
+        annotation=Annotated[bool, typer.Option("--conventional/--no-conventional", help="Also time the conventional pipeline.", rich_help_panel="Bench")],
+    ),
+    inspect.Parameter(
+        "json_path", KW, default=Path("bench.json"),
+        annotation=Annotated[Path, typer.Option("--json", help="Where to write every number as JSON.", rich_help_panel="Bench")],
+    ),
+]  # fmt: skip
+
+
+def _make_bench_command() -> Callable[..., None]:
+    from mnist_dist.bench import OPTION_FIELDS
+
+    return config_command(
+        run_bench_command,
+        _BENCH_PARAMS,
+        "Time the training loop against the bare model step (its ceiling) and the conventional pipeline.",
+        names=OPTION_FIELDS,
+        base="reference",
+    )
+
+
+app.command("bench")(_make_bench_command())
 
 
 def train_entry() -> None:

@@ -1,23 +1,30 @@
 """One validated config object for a training run, and the presets derived from it.
 
 Every field carries its CLI help in ``metadata["help"]``; ``mnist_dist.cli`` turns the fields into
-options, so a new field is a new option with no second place to edit.
+options from their type hints, so a new field is a new option with no second place to edit.
+The config crosses into each rank once, as JSON (``to_json`` there, ``from_dict`` here), and
+``validate`` refuses before launch everything that would otherwise fail inside the ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from mnist_dist import env
+from mnist_dist.data import ELASTIC_SIGMA, N_TRAIN, step_bounds
+from mnist_dist.model import MODELS
 
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
 INTERPOLATIONS = ("nearest", "bilinear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-MODEL_NAMES = ("net", "net_wide", "net_wider")  # mnist_dist.model.MODELS
 
 
 class ConfigError(ValueError):
@@ -30,12 +37,14 @@ def _opt(default: Any, help: str, panel: str = "Recipe", **extra: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run needs. Defaults are the reference recipe; presets derive from it."""
+    """Everything a run needs. The defaults are the default preset; ``reference()`` changes the few
+    fields where the reference design's recipe differs."""
 
     preset: str = _opt("default", "Recipe preset: default or reference.", "Run")
     # --- recipe ---
     model: str = _opt(
-        "net", "Model: net (the reference design, 8,440 params), net_wide (18,708) or net_wider (19,616)."
+        "net_wider",
+        f"Model: {', '.join(MODELS)} (net is the reference design; the others widen its channels).",
     )
     epochs: int = _opt(19, "Training epochs.")
     batch_size: int = _opt(128, "Batch size per process.")
@@ -50,35 +59,35 @@ class TrainConfig:
     grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.", "Distributed")
     optimizer: str = _opt("adam", "Optimizer: adam or sgd (Nesterov, momentum 0.9).")
     lr: float = _opt(5e-4, "Optimizer's initial learning rate (OneCycleLR sets its own start).")
-    max_lr: float = _opt(5e-3, "OneCycleLR peak learning rate.")
+    max_lr: float = _opt(1e-2, "OneCycleLR peak learning rate.")
     pct_start: float = _opt(0.2, "Fraction of the steps spent warming up to max-lr.")
     div_factor: float = _opt(25.0, "OneCycleLR start = max-lr / div-factor.")
     final_div_factor: float = _opt(1e4, "OneCycleLR end = start / final-div-factor.")
     weight_decay: float = _opt(1e-4, "Weight decay (L2, added to the gradient).")
     label_smoothing: float = _opt(0.0, "Label smoothing of the NLL loss, in [0, 1).")
     rotate: float = _opt(7.0, "Random rotation range in degrees (train only).", "Augmentation")
-    translate: float = _opt(0.0, "Random translation range in pixels (train only).", "Augmentation")
+    translate: float = _opt(2.0, "Random translation range in pixels (train only).", "Augmentation")
     scale: float = _opt(0.0, "Random scaling range, e.g. 0.1 for 0.9..1.1.", "Augmentation")
     interpolation: str = _opt(
         "nearest", "Augmentation resampling: nearest (torchvision's) or bilinear.", "Augmentation"
     )
     elastic: float = _opt(
-        0.0,
-        "Elastic distortion strength in pixels (Simard et al. 2003's alpha, smoothing sigma 4 px; "
-        "alpha 34 moves pixels by about 1.3 px RMS per axis); 0 = off.",
+        12.0,
+        f"Elastic distortion strength in pixels (Simard et al. 2003's alpha, smoothing sigma "
+        f"{ELASTIC_SIGMA:g} px); 0 = off.",
         "Augmentation",
     )
     ema: float = _opt(
-        0.0,
+        0.999,
         "Decay of an exponential moving average of the weights (evaluated and saved instead of them); "
         "0 = off. Step t uses min(decay, (1+t)/(10+t)), so a run of S steps never averages slower "
-        "than decay 1 - 9/(S+10): 0.9988 for the 7,429 steps of 19 epochs.",
+        "than decay 1 - 9/(S+10).",
     )
     seed: int = _opt(1, "Training seed: init, shuffling, augmentation, dropout.", "Run")
     split_seed: int = _opt(0, "Seed of the 50k/10k train/validation split.", "Data")
     # --- data ---
     data_dir: str | None = _opt(
-        None, "Root holding MNIST/raw/*.gz (env MNIST_DATA_DIR, else a user cache).", "Data"
+        None, f"Root holding MNIST/raw/*.gz (env {env.DATA_DIR}, else a user cache).", "Data"
     )
     max_train_samples: int | None = _opt(
         None, "Train on the first N samples of the split (smoke runs).", "Data"
@@ -91,7 +100,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model.", "Speed")
     channels_last: bool = _opt(False, "channels_last memory format.", "Speed")
     threads: int | None = _opt(None, "CPU threads per process (default: cores / local processes).", "Speed")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across processes.", "Distributed")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (GPUs only).", "Distributed")
     log_every: int = _opt(50, "Log train loss and LR every N optimizer steps.", "Tracking")
     wandb: str = _opt("auto", "wandb mode: auto, online, offline or disabled.", "Tracking")
     wandb_project: str = _opt("mnist-dist", "wandb project.", "Tracking")
@@ -122,12 +131,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Any, source: str = "config") -> TrainConfig:
+        """The config a JSON object describes: every key a field, every value of the field's type.
+        Keys left out come from the preset the object names, so a partial file keeps its recipe."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: must be a JSON object of config fields, got {_shown(data)}")
+        hints = get_type_hints(cls)
+        values = {key: _field_value(key, value, hints, source) for key, value in data.items()}
+        preset = values.get("preset", cls.preset)
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: 'preset' must be one of {', '.join(PRESETS)}; got {_shown(preset)}")
+        return cls(**{**PRESETS[preset]().to_dict(), **values})
 
     def per_process_batch(self, world_size: int) -> int:
         """Per-process micro-batch: --global-batch-size wins over --batch-size when given."""
@@ -141,8 +158,27 @@ class TrainConfig:
             return 1.0
         return self.per_process_batch(world_size) * world_size * self.grad_accum / 128
 
+    def steps_per_epoch(self, world_size: int) -> int:
+        """Optimizer steps in one epoch, from the sampler's own plan of steps."""
+        step = self.per_process_batch(world_size) * world_size * self.grad_accum
+        return len(step_bounds(self.max_train_samples or N_TRAIN, step, world_size)) - 1
+
     def validate(self, world_size: int = 1, cuda: bool = False) -> TrainConfig:
-        """Refuse every value that cannot work, before any work starts."""
+        """Refuse every value that cannot work, before any work starts (and before any rank does)."""
+        self._validate_counts(world_size)
+        self._validate_ranges()
+        _choice(self.preset, tuple(PRESETS), "--preset")
+        _choice(self.model, tuple(MODELS), "--model")
+        _choice(self.precision, PRECISIONS, "--precision")
+        _choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _choice(self.interpolation, INTERPOLATIONS, "--interpolation")
+        _choice(self.wandb, WANDB_MODES, "--wandb")
+        self._validate_hardware(world_size, cuda)
+        self._validate_paths()
+        self._validate_plan(world_size)
+        return self
+
+    def _validate_counts(self, world_size: int) -> None:
         _positive(self.epochs, "--epochs")
         _positive(self.batch_size, "--batch-size")
         _positive(self.grad_accum, "--grad-accum")
@@ -155,9 +191,9 @@ class TrainConfig:
             _positive(self.threads, "--threads")
         if self.max_train_samples is not None:
             _positive(self.max_train_samples, "--max-train-samples")
-            if self.max_train_samples > 50_000:
+            if self.max_train_samples > N_TRAIN:
                 raise ConfigError(
-                    f"--max-train-samples must be <= 50000 (the train split), got {self.max_train_samples}"
+                    f"--max-train-samples must be <= {N_TRAIN} (the train split), got {self.max_train_samples}"
                 )
         if self.global_batch_size is not None:
             _positive(self.global_batch_size, "--global-batch-size")
@@ -167,6 +203,8 @@ class TrainConfig:
                     f"--global-batch-size {self.global_batch_size} must be a multiple of "
                     f"processes x grad-accum = {world_size} x {self.grad_accum} = {per}"
                 )
+
+    def _validate_ranges(self) -> None:
         for name in ("lr", "max_lr", "div_factor", "final_div_factor"):
             value = getattr(self, name)
             if not value > 0:
@@ -187,14 +225,17 @@ class TrainConfig:
             raise ConfigError(f"--elastic must be in [0, 100] pixels (0 = off), got {self.elastic}")
         if not 0 <= self.scale < 1:
             raise ConfigError(f"--scale must be in [0, 1), got {self.scale}")
-        _choice(self.preset, PRESET_NAMES, "--preset")
-        _choice(self.model, MODEL_NAMES, "--model")
-        _choice(self.precision, PRECISIONS, "--precision")
-        _choice(self.optimizer, OPTIMIZERS, "--optimizer")
-        _choice(self.interpolation, INTERPOLATIONS, "--interpolation")
-        _choice(self.wandb, WANDB_MODES, "--wandb")
+
+    def _validate_hardware(self, world_size: int, cuda: bool) -> None:
         if self.precision == "fp16" and not cuda:
             raise ConfigError("--precision fp16 needs a GPU (on a CPU it silently runs fp32); use bf16 or no")
+        if self.sync_bn and world_size > 1 and not cuda:
+            raise ConfigError(
+                f"--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation, so {world_size} CPU "
+                "processes would crash at the first step; drop --sync-bn"
+            )
+
+    def _validate_paths(self) -> None:
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(f"--data-dir {self.data_dir!r} does not exist or is not a directory")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
@@ -203,7 +244,22 @@ class TrainConfig:
             raise ConfigError(
                 f"--resume must be 'auto' or an existing checkpoint folder, got {self.resume!r}"
             )
-        return self
+
+    def _validate_plan(self, world_size: int) -> None:
+        """The step plan itself: every rank needs a sample in every step, and the schedule a warm-up
+        it can divide by."""
+        n = self.max_train_samples or N_TRAIN
+        if n < world_size:
+            raise ConfigError(
+                f"--max-train-samples {n} is fewer than the {world_size} processes: each process "
+                "needs at least one sample per step; give at least one sample per process"
+            )
+        total = self.epochs * self.steps_per_epoch(world_size)
+        if self.pct_start * total == 1:  # OneCycleLR divides by zero on a one-step warm-up
+            raise ConfigError(
+                f"--pct-start {self.pct_start} of {total} steps is a one-step warm-up, which "
+                "OneCycleLR cannot schedule; change --pct-start, --epochs or --max-train-samples"
+            )
 
 
 def _positive(value: int, flag: str) -> None:
@@ -216,42 +272,117 @@ def _choice(value: str, allowed: tuple[str, ...], flag: str) -> None:
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-# ---------------------------------------------------------------------- presets
-def reference() -> TrainConfig:
-    """The reference design's recipe, exactly: Adam, OneCycle 5e-3, 19 epochs, batch 128, ±7° rotation."""
-    return TrainConfig(preset="reference")
+# ---------------------------------------------------------------------- JSON values by type hint
+_UNFIT = object()  # marks a value that does not fit a type hint
+_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 
 
-def default() -> TrainConfig:
-    """The recommended recipe: 99.44% mean final-epoch validation accuracy over 10 CPU seeds, and
-    at least 99.40% on 10 of the 11 CPU runs measured (one ended at 99.39%; docs/accuracy.md).
+def _shown(value: Any) -> str:
+    return json.dumps(value, default=str)
 
-    Net itself plateaus near 99.3% on the validation split whatever the recipe (docs/accuracy.md),
-    so the default trains net_wider (19,616 parameters, same layout, BN/Dropout/GAP) with ±2 px
-    translation and mild elastic distortion (alpha 12, 0.5 px RMS) on top of the ±7° rotation,
-    OneCycle peak 1e-2 and an EMA of the weights. Without the distortion (`--elastic 0`, the
-    default until 2026-11-27) 2 of 7 CPU runs ended at 99.38-99.39%.
-    """
-    return TrainConfig(
-        preset="default", model="net_wider", max_lr=1e-2, translate=2.0, elastic=12.0, ema=0.999
+
+def _field_value(key: str, value: Any, hints: dict[str, Any], source: str) -> Any:
+    if key not in hints:
+        close = difflib.get_close_matches(key, hints, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "not a config field; --print-config lists them"
+        raise ConfigError(f"{source}: unknown key {key!r} ({hint})")
+    converted = _convert(value, hints[key])
+    if converted is _UNFIT:
+        raise ConfigError(f"{source}: {key!r} must be {_describe(hints[key])}, got {_shown(value)}")
+    return converted
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """``value`` as JSON decoded it, made the hinted type (an int may stand for a float, a list for a
+    tuple, a string for a Path), or _UNFIT. A bool is never a number."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return next((v for v in (_convert(value, a) for a in args) if v is not _UNFIT), _UNFIT)
+    if origin is Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _UNFIT
+    if origin is tuple:
+        kinds = args[:1] * len(value) if args[-1:] == (...,) and isinstance(value, list) else args
+        if not isinstance(value, list) or len(kinds) != len(value):
+            return _UNFIT
+        items = tuple(_convert(v, k) for v, k in zip(value, kinds, strict=True))
+        return _UNFIT if any(i is _UNFIT for i in items) else items
+    if isinstance(value, bool) and hint is not bool:
+        return _UNFIT
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if hint in _NAMES:
+        return value if isinstance(value, hint) else _UNFIT
+    return hint(value) if isinstance(value, str) and isinstance(hint, type) else _UNFIT
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(_shown(a) for a in args)
+    if origin is tuple:
+        return "a list"
+    return _NAMES.get(hint, f"a {getattr(hint, '__name__', hint)} (as a string)")
+
+
+def read_config_file(path: Path) -> TrainConfig:
+    """The config a JSON file holds (e.g. a run's config.json), refused by name if anything is off."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {str(path)!r}: cannot read it ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    return TrainConfig.from_dict(data, source=str(path))
+
+
+def run_dir_taken(run_dir: Path) -> ConfigError:
+    """The refusal to reuse a run folder: another run's files are never overwritten."""
+    return ConfigError(
+        f"run folder {run_dir} already exists; pick another --name, or --resume auto to continue it"
     )
 
 
+def check_run_dir_free(run_dir: Path, resume: str | None) -> None:
+    """A new run needs a folder of its own; a resumed one continues in its existing folder."""
+    if resume is None and Path(run_dir).exists():
+        raise run_dir_taken(run_dir)
+
+
+# ---------------------------------------------------------------------- presets
+def reference() -> TrainConfig:
+    """The reference design's recipe, exactly: Net, Adam, OneCycle to 5e-3, 19 epochs, batch 128,
+    ±7° rotation, no other augmentation and no weight averaging."""
+    return TrainConfig(preset="reference", model="net", max_lr=5e-3, translate=0.0, elastic=0.0, ema=0.0)
+
+
+def default() -> TrainConfig:
+    """The recommended recipe (docs/accuracy.md has its measurements and how it was chosen).
+
+    Net itself plateaus below the accuracy target on the validation split whatever the recipe, so
+    the default trains net_wider (same layout, BN/Dropout/GAP, still under 20k parameters) with
+    translation and mild elastic distortion on top of the rotation, a higher OneCycle peak and an
+    EMA of the weights.
+    """
+    return TrainConfig()
+
+
 PRESETS = {"reference": reference, "default": default}
-PRESET_NAMES = tuple(PRESETS)
 
 
 def from_preset(preset: str, **overrides: Any) -> TrainConfig:
     """The preset's config with the given (non-None) overrides applied on top."""
-    _choice(preset, PRESET_NAMES, "--preset")
+    _choice(preset, tuple(PRESETS), "--preset")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return PRESETS[preset]().replace(**changes)
 
 
 def default_data_dir() -> Path:
     """Where MNIST lives when --data-dir is not given: $MNIST_DATA_DIR, else a per-user cache."""
-    env = os.environ.get("MNIST_DATA_DIR")
-    if env:
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    if os.environ.get(env.DATA_DIR):
+        return Path(os.environ[env.DATA_DIR])
+    cache = Path(os.environ.get(env.XDG_CACHE_HOME) or Path.home() / ".cache")
     return cache / "mnist_dist" / "data"

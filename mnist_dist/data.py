@@ -148,10 +148,12 @@ def load_mnist(root: Path, allow_download: bool = True) -> MNISTArrays:
     )
 
 
-def split_indices(split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The deterministic 50k/10k split of the 60k training set: same for every world size and seed."""
-    perm = torch.randperm(N_TRAIN + N_VAL, generator=torch.Generator().manual_seed(split_seed))
-    return perm[:N_TRAIN], perm[N_TRAIN:]
+def split_indices(split_seed: int, n: int = N_TRAIN + N_VAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic 50k/10k split of the 60k training set: same for every world size and seed.
+    A smaller set (the tests' synthetic digits) is split in the same proportion."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    n_train = n - n * N_VAL // (N_TRAIN + N_VAL)
+    return perm[:n_train], perm[n_train:]
 
 
 @dataclass
@@ -168,7 +170,7 @@ class DeviceSplit:
 def device_splits(
     arrays: MNISTArrays, split_seed: int, device: torch.device, max_train: int | None = None
 ) -> dict[str, DeviceSplit]:
-    train_idx, val_idx = split_indices(split_seed)
+    train_idx, val_idx = split_indices(split_seed, len(arrays.train_images))
     if max_train is not None:
         train_idx = train_idx[:max_train]
 
@@ -183,25 +185,34 @@ def device_splits(
 
 
 # ---------------------------------------------------------------------- sampling
+def step_bounds(n: int, step: int, world: int) -> list[int]:
+    """Where each optimizer step of an epoch starts and ends in the epoch's permutation of n samples,
+    in steps of ``step`` samples (the last is [bounds[-2], n)).
+
+    A last step smaller than the world size is merged into the step before it, so every rank has at
+    least one sample in every step (DDP and BatchNorm need that). The config's checks and the
+    sampler both count steps with this one rule.
+    """
+    if n < world:
+        raise ValueError(f"{n} training samples cannot be shared by {world} processes")
+    bounds = [*range(0, n, step), n]
+    if len(bounds) > 2 and n - bounds[-2] < world:
+        bounds.pop(-2)
+    return bounds
+
+
 class ShardedSampler:
     """Index plan for one run: every epoch a fresh permutation (from seed and epoch), cut into
     optimizer steps of ``batch * world * accum`` samples; rank r takes its contiguous slice of each
     step, so the ranks together see every sample exactly once per epoch.
 
-    A last step smaller than the world size is merged into the step before it, so every rank has at
-    least one sample in every step (DDP and BatchNorm need that). Every rank knows the whole plan,
-    so they all agree on the number of steps and micro-batches without communicating.
+    The steps are ``step_bounds``'. Every rank knows the whole plan, so they all agree on the number
+    of steps and micro-batches without communicating.
     """
 
     def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, accum: int = 1) -> None:
-        if n < world:
-            raise ValueError(f"{n} training samples cannot be shared by {world} processes")
         self.n, self.batch, self.world, self.rank, self.seed, self.accum = n, batch, world, rank, seed, accum
-        step = batch * world * accum
-        bounds = [*range(0, n, step), n]
-        if len(bounds) > 2 and n - bounds[-2] < world:
-            bounds.pop(-2)
-        self._bounds = bounds
+        self._bounds = step_bounds(n, batch * world * accum, world)
 
     def steps_per_epoch(self) -> int:
         return len(self._bounds) - 1

@@ -12,6 +12,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from mnist_dist import env
 from mnist_dist.config import TrainConfig
-from mnist_dist.launch import config_args
+from mnist_dist.files import write_text_atomic
 
 STATS = ("val_acc", "test_acc", "wall_seconds")
 
@@ -30,15 +32,23 @@ def seed_run_name(base: str, seed: int) -> str:
     return f"{base}-seed{seed}"
 
 
-def _start(cfg: TrainConfig, seed: int, threads: int | None) -> subprocess.Popen:
-    run = cfg.replace(
-        seed=seed, name=seed_run_name(cfg.name or cfg.preset, seed), threads=threads or cfg.threads
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    log = open(Path(cfg.output_dir) / f"{run.name}.log", "w")  # noqa: SIM115 - closed by the child's exit
+def seed_config(cfg: TrainConfig, seed: int, jobs: int, cuda: bool) -> TrainConfig:
+    """One seed's run: its seed, its own folder and, on a CPU, the --threads asked for or else an
+    equal share of the cores among the runs that train at the same time."""
+    threads = cfg.threads
+    if threads is None and not cuda:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    return cfg.replace(seed=seed, name=seed_run_name(cfg.name or cfg.preset, seed), threads=threads)
+
+
+def _start(run: TrainConfig, config_dir: Path) -> subprocess.Popen:
+    """The run as its own process, reading its config from a file as every rank does."""
+    config = write_text_atomic(config_dir / f"{run.name}.json", run.to_json())
+    child_env = {k: v for k, v in os.environ.items() if k not in env.LAUNCHER_VARS}
+    log = open(Path(run.output_dir) / f"{run.name}.log", "w")  # noqa: SIM115 - closed by the child's exit
     return subprocess.Popen(
-        [sys.executable, "-m", "mnist_dist.train", *config_args(run)],
-        env=env,
+        [sys.executable, "-m", "mnist_dist.train", "--config", str(config)],
+        env=child_env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -71,27 +81,16 @@ def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, An
     import torch
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    cpu_threads = None if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // jobs)
-    pending, running, failed = list(seeds), {}, []
+    cuda = torch.cuda.is_available()
     start = time.perf_counter()
-    with _stop_runs_on_exit(running):
-        while pending or running:
-            while pending and len(running) < jobs:
-                seed = pending.pop(0)
-                running[seed] = _start(cfg, seed, cpu_threads)
-            for seed, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[seed]
-                    if proc.returncode:
-                        failed.append(seed)
-            time.sleep(0.5)
+    failed = _run_all([seed_config(cfg, seed, jobs, cuda) for seed in seeds], jobs)
     rows = []
     for seed in seeds:
         path = Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed) / "summary.json"
         if seed not in failed and path.is_file():
             s = json.loads(path.read_text())
             rows.append({"seed": seed, **{k: s[k] for k in (*STATS, "best_epoch", "best_val_acc", "epochs")}})
-    result = {
+    return {
         "config": cfg.to_dict(),
         "seeds": seeds,
         "failed_seeds": failed,
@@ -99,7 +98,24 @@ def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, An
         "stats": aggregate(rows),
         "sweep_seconds": time.perf_counter() - start,
     }
-    return result
+
+
+def _run_all(runs: list[TrainConfig], jobs: int) -> list[int]:
+    """Train the runs, ``jobs`` at a time, each from a config file in a folder the sweep owns;
+    return the seeds whose run failed."""
+    pending, running, failed = list(runs), {}, []
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-sweep-") as config_dir, _stop_runs_on_exit(running):
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                running[run.seed] = _start(run, Path(config_dir))
+            for seed, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[seed]
+                    if proc.returncode:
+                        failed.append(seed)
+            time.sleep(0.5)
+    return failed
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -1,6 +1,7 @@
-"""`mnist-dist bench` on a small slice, and every speed option that applies to a CPU, on real MNIST.
+"""`mnist-dist bench`: its options and refusals (fast), then on a small slice, and every speed option
+that applies to a CPU, on real MNIST (proofs).
 
-    pytest tests/test_bench.py            # needs MNIST (MNIST_DATA_DIR); the compiled runs dominate
+    pytest tests/test_bench.py            # the proofs need MNIST (MNIST_DATA_DIR); compiled runs dominate
 
 The option test trains each combination of precision (no, bf16), channels_last and torch.compile with
 the same seed and checks it against the plain fp32 run: the loss follows the same path, and the saved
@@ -13,7 +14,6 @@ import itertools
 import json
 import math
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,65 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
+from mnist_dist.bench import OPTION_FIELDS, BenchOptions
 from mnist_dist.cli import app
-from mnist_dist.config import default_data_dir, from_preset
-from mnist_dist.evaluate import accuracy, load_net
+from mnist_dist.config import default_data_dir, from_preset, reference
+from mnist_dist.evaluate import accuracy
 from mnist_dist.model import Net
-from mnist_dist.tracking import read_metrics
-from mnist_dist.train import train
+from mnist_dist.runfiles import read_metrics
+from mnist_dist.trainer import train
+from mnist_dist.weights import load_model
 
-pytestmark = pytest.mark.skipif(
+needs_mnist = pytest.mark.skipif(
     bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
 )
 
 
+def flat(text: str) -> str:
+    return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def test_bench_recipe_options_are_train_config_fields_on_the_reference_preset(tmp_path: Path) -> None:
+    opts = BenchOptions(from_preset("reference", elastic=3.0, threads=1), max_train_samples=512, epochs=1)
+    cfg = opts.train_config(str(tmp_path), "x")
+    assert cfg == reference().replace(
+        elastic=3.0,
+        threads=1,
+        max_train_samples=512,
+        epochs=2,
+        output_dir=str(tmp_path),
+        name="x",
+        wandb="disabled",
+    )
+    assert BenchOptions().recipe == reference()
+    record = opts.record()
+    assert record["preset"] == "reference" and record["elastic"] == 3.0 and record["rounds"] == 3
+    assert set(OPTION_FIELDS) <= set(record)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--elastic", "-1"], "--elastic must be in [0, 100] pixels (0 = off), got -1.0"),
+        (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
+        (
+            ["--max-train-samples", "60000"],
+            "--max-train-samples must be <= 50000 (the train split), got 60000",
+        ),
+        (["--batch-size", "abc"], "Invalid value for '--batch-size': 'abc' is not an integer"),
+        (["--preset", "best"], "--preset must be one of reference, default; got 'best'"),
+        (["--lr", "1"], "No such option: --lr"),  # bench times a step: the schedule is not its option
+    ],
+)
+def test_bench_refuses_bad_options_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["bench", *args, "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.proof
+@needs_mnist
 def test_bench_smoke(tmp_path: Path) -> None:
     """The CI smoke test: all three measurements run, and the JSON holds what docs/benchmarks.md quotes."""
     out = tmp_path / "bench.json"
@@ -75,14 +122,6 @@ COMBOS = [
 FIRST_LOSS_TOL = 0.05
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    """Accelerate keeps one process-wide state: a run with another precision than the last needs it reset."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 Run = tuple[dict[str, Any], list[float], Path]
 
 
@@ -110,6 +149,8 @@ def val_split() -> D.DeviceSplit:
     return D.device_splits(D.load_mnist(default_data_dir()), 0, torch.device("cpu"), max_train=1)["val"]
 
 
+@pytest.mark.proof
+@needs_mnist
 @pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_cpu_speed_options_train_and_evaluate(
     options: dict[str, Any], tmp_path: Path, plain_fp32: Run, val_split: D.DeviceSplit
@@ -129,5 +170,5 @@ def test_cpu_speed_options_train_and_evaluate(
     assert set(load_file(str(weights))) == set(Net().state_dict())
     # bf16 autocast evaluation rounds activations; a half-trained model's argmax is sensitive to it.
     tolerance = 0.02 if options["precision"] == "bf16" else 0.01
-    reloaded = accuracy(load_net(weights), val_split, 2000)
+    reloaded = accuracy(load_model(weights, "net")[0], val_split, 2000)
     assert abs(reloaded - summary["val_acc"]) < tolerance, (reloaded, summary["val_acc"])

@@ -1,17 +1,20 @@
 """Every value a user can get wrong is refused before any work, with exit code 2, a message that
-names the value and what is allowed, no traceback and no run folder left behind."""
+names the value and what is allowed, no traceback and no run folder left behind. In-process, except
+the two proofs that start the real command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mnist_dist.cli import app
-from mnist_dist.config import ConfigError, TrainConfig, default, from_preset, reference
 
-from .conftest import cli
+from .helpers import clean_env, cli
 
 BAD = [
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
@@ -30,7 +33,15 @@ BAD = [
     (["--processes", "2", "--global-batch-size", "255"], "must be a multiple of processes x grad-accum"),
     (["--nodes", "2", "--node-rank", "2", "--main-port", "29511"], "--node-rank must be in 0..1, got 2"),
     (["--nodes", "2"], "--main-port is required with --nodes > 1"),
+    (
+        ["--max-train-samples", "128", "--epochs", "5", "--pct-start", "0.2"],
+        "--pct-start 0.2 of 5 steps is a one-step warm-up, which OneCycleLR cannot schedule",
+    ),
+    (["--processes", "2", "--max-train-samples", "1"], "--max-train-samples 1 is fewer than the 2 processes"),
+    (["--processes", "2", "--sync-bn"], "--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation"),
 ]
+if torch.cuda.is_available():  # GPUs run fp16 and SyncBatchNorm
+    BAD = [(args, message) for args, message in BAD if "GPU" not in message]
 
 
 def flat(text: str) -> str:
@@ -47,6 +58,7 @@ def test_bad_values_are_refused_before_any_work(tmp_path: Path, args: list[str],
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.proof
 def test_refusal_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     result = cli("train", "--epochs", "-3", "--output-dir", str(tmp_path))
     assert result.returncode == 2
@@ -64,48 +76,24 @@ def test_existing_run_folder_is_never_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "exp" / "keep.txt").read_text() == "mine"
 
 
-def test_presets_are_config_objects_and_reference_is_the_reference_recipe() -> None:
-    ref = reference()
-    assert (ref.model, ref.epochs, ref.batch_size, ref.optimizer) == ("net", 19, 128, "adam")
-    assert (ref.lr, ref.max_lr, ref.pct_start, ref.weight_decay) == (5e-4, 5e-3, 0.2, 1e-4)
-    assert (ref.rotate, ref.translate, ref.scale, ref.interpolation, ref.ema) == (
-        7.0,
-        0.0,
-        0.0,
-        "nearest",
-        0.0,
-    )
-    assert (ref.label_smoothing, ref.elastic, ref.precision) == (0.0, 0.0, "no")
-    best = default()  # the recipe docs/accuracy.md measured; only these fields differ from reference
-    changed = {k: v for k, v in best.to_dict().items() if v != ref.to_dict()[k]}
-    assert changed == {
-        "preset": "default",
-        "model": "net_wider",
-        "max_lr": 1e-2,
-        "translate": 2.0,
-        "elastic": 12.0,
-        "ema": 0.999,
-    }
-    assert from_preset("reference", epochs=3).epochs == 3
-    assert from_preset("default", epochs=None) == from_preset("default")
-    assert TrainConfig.from_dict(ref.to_dict()) == ref
-    with pytest.raises(ConfigError):
-        from_preset("nope")
-
-
+@pytest.mark.proof
 def test_train_entry_points_share_the_same_options() -> None:
     a = cli("train", "--help", env={"COLUMNS": "200"})
-    b = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "mnist_dist.train", "--help"],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "COLUMNS": "200"},
-        timeout=120,
-    )
+    b = subprocess.run(
+        [sys.executable, "-m", "mnist_dist.train", "--help"],
+        capture_output=True, text=True, env=clean_env(COLUMNS="200"), timeout=120,
+    )  # fmt: skip
     assert a.returncode == 0 and b.returncode == 0, b.stderr
 
     def options(text: str) -> set[str]:
         return {w.strip("│,") for w in text.split() if w.startswith("--")}
 
     assert options(a.stdout) == options(b.stdout)
-    assert {"--epochs", "--max-train-samples", "--processes", "--preset", "--precision"} <= options(a.stdout)
+    assert {
+        "--epochs",
+        "--max-train-samples",
+        "--processes",
+        "--preset",
+        "--config",
+        "--print-config",
+    } <= options(a.stdout)

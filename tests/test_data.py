@@ -15,7 +15,7 @@ import torch
 
 from mnist_dist import data as D
 
-from .conftest import cli
+from .helpers import cli
 
 
 def copy_raw(data_root: Path, dest: Path) -> Path:
@@ -56,6 +56,7 @@ def test_read_only_data_dir_works_and_nothing_is_written(data_root: Path, tmp_pa
             path.chmod(stat.S_IRWXU)
 
 
+@pytest.mark.proof
 def test_processes_starting_at_once_do_not_race(data_root: Path) -> None:
     code = f"from mnist_dist.data import load_mnist; load_mnist({str(data_root)!r}); print('ok')"
     procs = [
@@ -65,6 +66,7 @@ def test_processes_starting_at_once_do_not_race(data_root: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0] and all("ok" in o for o in outs)
 
 
+@pytest.mark.proof
 def test_truncated_file_gives_one_clear_error_naming_it(data_root: Path, tmp_path: Path) -> None:
     raw = copy_raw(data_root, tmp_path / "bad")
     victim = raw / "train-labels-idx1-ubyte.gz"

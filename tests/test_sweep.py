@@ -1,5 +1,5 @@
-"""`mnist-dist sweep` as a user runs it: real seeds side by side, honest stats, and a stop that
-stops its runs."""
+"""`mnist-dist sweep`: each seed's config (fast), and as a user runs it (proofs): real seeds side by
+side, honest stats, and a stop that stops its runs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from .conftest import cli
+from mnist_dist.cli import app
+from mnist_dist.config import reference
+from mnist_dist.sweep import seed_config
+
+from .helpers import clean_env, cli
 
 TINY = ("--preset", "reference", "--max-train-samples", "4096", "--epochs", "2")
 
@@ -34,6 +39,35 @@ def _runs_of(folder: Path) -> list[int]:
     return pids
 
 
+def test_threads_given_reach_every_run() -> None:
+    """Defect (d): --threads was replaced by the sweep's own share of the cores on every CPU."""
+    asked = (os.cpu_count() or 1) + 1  # never a share of the cores
+    cfg = reference().replace(name="s", threads=asked)
+    for jobs in (1, 2):
+        run = seed_config(cfg, 3, jobs, cuda=False)
+        assert (run.threads, run.seed, run.name) == (asked, 3, "s-seed3")
+
+
+def test_without_threads_the_runs_share_the_cores() -> None:
+    cfg = reference()
+    cores = os.cpu_count() or 1
+    assert seed_config(cfg, 1, 2, cuda=False).threads == max(1, cores // 2)
+    assert seed_config(cfg, 1, cores + 1, cuda=False).threads == 1
+    assert seed_config(cfg, 1, 2, cuda=True).threads is None  # a GPU run sets its own
+    assert seed_config(cfg, 2, 1, cuda=False).name == "reference-seed2"
+
+
+def test_a_seed_whose_folder_exists_is_refused_before_any_run(tmp_path: Path) -> None:
+    (tmp_path / "s-seed2").mkdir()
+    result = CliRunner().invoke(
+        app, ["sweep", *TINY, "--seeds", "1,2", "--output-dir", str(tmp_path), "--name", "s"]
+    )
+    assert result.exit_code == 2
+    assert f"run folder {tmp_path / 's-seed2'} already exists" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-seed2"]
+
+
+@pytest.mark.proof
 def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Path) -> None:
     result = cli(
         "sweep", *TINY, "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "s"
@@ -51,13 +85,14 @@ def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Pat
     assert "mean" in result.stdout and "min" in result.stdout
 
 
+@pytest.mark.proof
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_stopped_sweep_stops_its_runs(tmp_path: Path, data_root: Path, stop: signal.Signals) -> None:
     """SIGINT goes to the sweep alone here: the runs must be stopped by the sweep, not by the
-    terminal's Ctrl-C reaching them too."""
-    env = {"WANDB_MODE": "disabled", **os.environ}
-    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
-        env.pop(var, None)
+    terminal's Ctrl-C reaching them too. The sweep's config files lie in TMPDIR, inside tmp_path, so
+    the runs' command lines name tmp_path."""
+    (tmp_path / "tmp").mkdir()
+    env = clean_env(TMPDIR=str(tmp_path / "tmp"))
     sweep = subprocess.Popen(
         [sys.executable, "-m", "mnist_dist.cli", "sweep", "--preset", "reference", "--epochs", "19",
          "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "long"],
