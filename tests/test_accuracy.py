@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli
+from .helpers import cli
 
 TARGET = 0.9940
 
 
 @pytest.mark.slow
+@pytest.mark.proof
 def test_default_preset_clears_the_target(tmp_path: Path, data_root: Path) -> None:
     result = cli("train", "--seed", "1", "--output-dir", str(tmp_path), "--name", "default", timeout=5400)
     assert result.returncode == 0, result.stderr[-3000:]

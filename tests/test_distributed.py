@@ -2,7 +2,8 @@
 seen once per epoch across ranks, evaluation counts exactly 10,000, the schedule spans the true
 steps, only rank 0 writes, and every way of launching gives the same training.
 
-Each rank writes its sampled indices and LRs to $MNIST_DIST_TRACE_DIR (test instrumentation)."""
+The N-rank runs start ``tests.traced_train`` under torchrun: each rank records its sampled indices
+and learning rates through the trainer's hooks."""
 
 from __future__ import annotations
 
@@ -18,32 +19,21 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-from mnist_dist.launch import free_port
+from mnist_dist import env
+from mnist_dist.cli import app
+from mnist_dist.config import from_preset
 
-from .conftest import cli
+from .helpers import REPO, clean_env, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.proof
 N = 600  # training samples in the slice
 COMMON = ("--preset", "reference", "--max-train-samples", str(N), "--epochs", "2", "--wandb", "disabled")
 RUN_FILES = {
     "config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints",
     "val_predictions.safetensors", "curves.png", "confusion_matrix.png", "misclassified.png",
 }  # fmt: skip
-
-
-def env_for(trace: Path) -> dict[str, str]:
-    return {"MNIST_DIST_TRACE_DIR": str(trace), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-
-
-def traced_run(tmp: Path, name: str, *args: str) -> tuple[dict, list[dict]]:
-    result = cli(
-        "train", *COMMON, "--output-dir", str(tmp), "--name", name, *args, env=env_for(tmp / f"{name}-trace")
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    summary = json.loads((tmp / name / "summary.json").read_text())
-    traces = [json.loads(p.read_text()) for p in sorted((tmp / f"{name}-trace").glob("rank*.json"))]
-    return summary, traces
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -55,10 +45,34 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     return tmp_path_factory.mktemp("dist")
 
 
+def traced_run(runs: Path, name: str, world: int, **changes: object) -> tuple[dict, list[dict]]:
+    cfg = from_preset(
+        "reference",
+        max_train_samples=N,
+        epochs=2,
+        wandb="disabled",
+        output_dir=str(runs),
+        name=name,
+        **changes,
+    )
+    (runs / f"{name}.json").write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_port", str(free_port()), "-m", "tests.traced_train", str(runs / f"{name}-trace"),
+           str(runs / f"{name}.json")]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO, env=clean_env(**{env.EXPECTED_WORLD: str(world)}), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    summary = json.loads((runs / name / "summary.json").read_text())
+    traces = [json.loads(p.read_text()) for p in sorted((runs / f"{name}-trace").glob("rank*.json"))]
+    return summary, traces
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_n_ranks_shard_once_count_exactly_and_schedule_true_steps(runs: Path, world: int) -> None:
     name = f"w{world}"
-    summary, traces = traced_run(runs, name, "--processes", str(world), "--batch-size", "64")
+    summary, traces = traced_run(runs, name, world, batch_size=64)
     assert summary["world_size"] == world
     assert sorted(t["rank"] for t in traces) == list(range(world)) and {t["world"] for t in traces} == {world}
     steps_per_epoch = summary["steps"] // 2
@@ -80,8 +94,8 @@ def test_n_ranks_shard_once_count_exactly_and_schedule_true_steps(runs: Path, wo
     epochs = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     # The final weights' accuracy does not depend on how many ranks evaluated them.
-    single = cli("evaluate", str(runs / name / "model.safetensors"))
-    assert f"val  {100 * summary['val_acc']:.2f}%" in single.stdout, single.stdout + single.stderr
+    single = CliRunner().invoke(app, ["evaluate", str(runs / name)])
+    assert f"val  {100 * summary['val_acc']:.2f}%" in single.output, single.output
 
 
 def test_launchers_agree_bit_for_bit(runs: Path) -> None:
@@ -90,9 +104,15 @@ def test_launchers_agree_bit_for_bit(runs: Path) -> None:
     # Same threads per rank everywhere: two 'nodes' on one machine would each take all the cores,
     # and a different thread count changes float summation order.
     base = ("--global-batch-size", "128", "--seed", "3", "--threads", "1")
-    ref_summary, _ = traced_run(runs, "p2", "--processes", "2", *base)
+    p2 = subprocess.run(
+        [sys.executable, "-m", "mnist_dist.cli", "train", *COMMON, *base, "--processes", "2",
+         "--output-dir", str(runs), "--name", "p2"],
+        env=clean_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    ref_summary = json.loads((runs / "p2" / "summary.json").read_text())
     assert ref_summary["steps"] == 2 * 5  # ceil(600 / 128) steps of the global batch, per epoch
-    env = {**os.environ, **env_for(runs / "other-trace"), "MNIST_DIST_EXPECTED_WORLD": "2"}
+    environment = clean_env(**{env.EXPECTED_WORLD: "2"})
     train_args = [*COMMON, *base, "--output-dir", str(runs)]
     port = free_port()
     commands = {
@@ -102,7 +122,7 @@ def test_launchers_agree_bit_for_bit(runs: Path) -> None:
                   "--main_process_port", str(free_port()), "-m", "mnist_dist.train", *train_args, "--name", "accel"],
     }  # fmt: skip
     for name, cmd in commands.items():
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, name + result.stderr[-3000:]
     nodes = [
         subprocess.Popen(
@@ -125,7 +145,7 @@ def test_launchers_agree_bit_for_bit(runs: Path) -> None:
                 "--main-port",
                 str(port),
             ],
-            env=env,
+            env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -148,8 +168,9 @@ def test_launchers_agree_bit_for_bit(runs: Path) -> None:
 def test_fewer_ranks_than_asked_fails_clearly(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "mnist_dist.train", *COMMON, "--output-dir", str(tmp_path)]  # fmt: skip
-    env = {**os.environ, "MNIST_DIST_EXPECTED_WORLD": "3", "WANDB_MODE": "disabled"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        cmd, env=clean_env(**{env.EXPECTED_WORLD: "3"}), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0
     assert "asked for 3 processes but this run has world size 2" in result.stderr
 
@@ -157,9 +178,13 @@ def test_fewer_ranks_than_asked_fails_clearly(tmp_path: Path) -> None:
 def test_a_crashed_rank_fails_the_whole_launch_quickly(tmp_path: Path, data_root: Path) -> None:
     cmd = [sys.executable, "-m", "mnist_dist.cli", "train", "--preset", "reference", "--epochs", "50",
            "--processes", "2", "--output-dir", str(tmp_path), "--name", "crash"]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     parent = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
+from mnist_dist.cli import app
 from mnist_dist.model import MODELS, Net, build_model, count_parameters, summary, summary_rows
-
-from .conftest import cli
 
 
 class ReferenceNet(nn.Module):
@@ -69,9 +69,9 @@ def test_receptive_fields_follow_the_module() -> None:
 
 
 def test_summary_command_prints_table_with_totals() -> None:
-    result = cli("summary")
-    assert result.returncode == 0, result.stderr
-    assert "Total params: 8,440" in result.stdout
-    assert "Trainable params: 8,440" in result.stdout
-    assert "[-1, 16, 7, 7]" in result.stdout
+    result = CliRunner().invoke(app, ["summary"])
+    assert result.exit_code == 0, result.output
+    assert "Total params: 8,440" in result.output
+    assert "Trainable params: 8,440" in result.output
+    assert "[-1, 16, 7, 7]" in result.output
     assert summary(Net()).splitlines()[3].split()[-1] == "3"

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-import mnist_dist.train as T
+import mnist_dist.trainer as T
 from mnist_dist import config, data
 from mnist_dist.evaluate import accuracy
 
 EMA_DECAYS = (0.998, 0.9995, 0.9998)
 TAIL_EPOCHS = (5, 3, 2)
-PresetEMA = T.EMA  # train() builds T.EMA; main() swaps in ManyAverages
+PresetEMA = T.EMA  # the Trainer builds T.EMA; main() swaps in ManyAverages
 
 
 class ManyAverages(PresetEMA):
