@@ -356,12 +356,18 @@ app.command("sweep")(
 
 
 @app.command()
-def summary() -> None:
-    """Print Net's layer table: output shapes, parameters and receptive fields."""
-    from mnist_dist.model import Net
+def summary(
+    model: Annotated[
+        str, typer.Option(help="Model: net (the reference design), net_wide or net_wider.")
+    ] = "net",
+) -> None:
+    """Print a model's layer table: output shapes, parameters and receptive fields."""
+    from mnist_dist.model import MODELS, build_model
     from mnist_dist.model import summary as model_summary
 
-    typer.echo(model_summary(Net()))
+    if model not in MODELS:
+        raise fail(f"--model must be one of {', '.join(MODELS)}; got {model!r}")
+    typer.echo(model_summary(build_model(model)))
 
 
 @app.command()

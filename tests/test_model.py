@@ -75,3 +75,12 @@ def test_summary_command_prints_table_with_totals() -> None:
     assert "Trainable params: 8,440" in result.output
     assert "[-1, 16, 7, 7]" in result.output
     assert summary(Net()).splitlines()[3].split()[-1] == "3"
+
+
+def test_summary_of_each_model_and_a_refused_name() -> None:
+    wider = CliRunner().invoke(app, ["summary", "--model", "net_wider"])
+    assert wider.exit_code == 0 and "Total params: 19,616" in wider.output
+    bad = CliRunner().invoke(app, ["summary", "--model", "resnet"])
+    assert (
+        bad.exit_code == 2 and "--model must be one of net, net_wide, net_wider; got 'resnet'" in bad.output
+    )
