@@ -30,3 +30,12 @@ SLURM_ARRAY_TASK_ID = "SLURM_ARRAY_TASK_ID"
 
 # XDG
 XDG_CACHE_HOME = "XDG_CACHE_HOME"
+
+# wandb (and the netrc file where `wandb login` keeps the key)
+WANDB_MODE = "WANDB_MODE"
+WANDB_BASE_URL = "WANDB_BASE_URL"
+WANDB_API_KEY = "WANDB_API_KEY"
+NETRC = "NETRC"
+
+# Python
+PYTHONUNBUFFERED = "PYTHONUNBUFFERED"  # the ranks' output reaches the terminal line by line

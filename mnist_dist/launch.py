@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.env import EXPECTED_WORLD, LAUNCH_DIR, SIGNALS_TO_HANDLE
+from mnist_dist.env import EXPECTED_WORLD, LAUNCH_DIR, PYTHONUNBUFFERED, SIGNALS_TO_HANDLE
 from mnist_dist.files import write_text_atomic
 from mnist_dist.preemption import INTERRUPTED_EXIT, SIGNALS, exit_code, was_preempted, worker_pids
 
@@ -88,7 +88,7 @@ def launch(
     """Run this node's ranks to completion and return the exit code: a crash in any rank ends the
     whole launch with its code; a stop at a checkpoint gives 75 (SIGTERM/SIGUSR1) or 130 (SIGINT)."""
     env = {**os.environ, EXPECTED_WORLD: str(processes * nodes), SIGNALS_TO_HANDLE: AGENT_SIGNALS}
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault(PYTHONUNBUFFERED, "1")
     with tempfile.TemporaryDirectory(prefix="mnist-dist-launch-") as folder:
         config_file = write_text_atomic(Path(folder) / CONFIG_FILE, cfg.to_json())
         cmd = launch_command(

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mnist_dist import runfiles
+from mnist_dist import env, runfiles
 from mnist_dist.config import TrainConfig
 
 PROBE_SECONDS = 4.0  # the longest an unreachable wandb server may delay the start of training
@@ -155,22 +155,22 @@ def resolve_wandb_mode(requested: str) -> str:
     """auto: $WANDB_MODE when set, else online with credentials (WANDB_API_KEY or netrc), else offline."""
     if requested != "auto":
         return requested
-    env_mode = os.environ.get("WANDB_MODE", "").lower()
+    env_mode = os.environ.get(env.WANDB_MODE, "").lower()
     if env_mode in ("online", "offline", "disabled"):
         return env_mode
     return "online" if wandb_api_key() else "offline"
 
 
 def wandb_base_url() -> str:
-    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    return os.environ.get(env.WANDB_BASE_URL, "https://api.wandb.ai").rstrip("/")
 
 
 def wandb_api_key() -> str | None:
     """The key wandb would use: $WANDB_API_KEY, else the netrc entry `wandb login` wrote for the host."""
-    if key := os.environ.get("WANDB_API_KEY"):
+    if key := os.environ.get(env.WANDB_API_KEY):
         return key
     try:
-        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(
+        auth = netrc.netrc(os.environ.get(env.NETRC) or None).authenticators(
             urlparse(wandb_base_url()).hostname
         )
     except (OSError, netrc.NetrcParseError):
