@@ -40,9 +40,13 @@ def launch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def watch() -> Iterator[PreemptionWatch]:
+    """A watch installed over Python's own Ctrl-C handler (a test run started in the background
+    inherits SIGINT ignored, and the watch restores whatever it found)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     w = PreemptionWatch(Accelerator(cpu=True))
     yield w
     w.close()
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(
