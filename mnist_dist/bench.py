@@ -274,9 +274,9 @@ def bench_conventional(
 # ---------------------------------------------------------------------- the whole benchmark
 def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
     """Time loop, bare step and conventional pipeline in interleaved rounds; return every number."""
-    from mnist_dist.distributed import device_name
+    from mnist_dist.distributed import device_name, local_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
         cfg = opts.train_config(tmp, "check")
         data_root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()

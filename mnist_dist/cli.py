@@ -2,11 +2,15 @@
 
 mnist-dist train [--preset default] [--processes N] [OPTIONS]
 mnist-dist train --config runs/<name>/config.json [OPTIONS]   # a saved config, options on top
-mnist-dist evaluate runs/<name>
+mnist-dist evaluate runs/<name> [--json]
+mnist-dist predict runs/<name> my-digits/ [--json] [--save-preprocessed DIR]
+mnist-dist export runs/<name> --format onnx|torchscript|exported-program
 mnist-dist report runs/<name>
+mnist-dist compare runs/a runs/b [--out compare.png]
 mnist-dist bench [--precision bf16] [--compile] [--json bench.json]
-mnist-dist summary
+mnist-dist summary [--model net_wider]
 mnist-dist download --data-dir DIR
+mnist-dist --version
 """
 
 from __future__ import annotations
@@ -34,12 +38,41 @@ from mnist_dist.config import (
     read_config_file,
 )
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train the reference Net on MNIST, the same way on a CPU, one GPU, N GPUs or a cluster.",
-)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # help: the callback's docstring
+
+
+def versions() -> str:
+    """What a bug report needs: the harness, torch, accelerate and the CUDA torch was built with."""
+    import accelerate
+    import torch
+
+    import mnist_dist
+
+    cuda = "none (a CPU build of torch)"
+    if torch.version.cuda:
+        cuda = f"{torch.version.cuda} ({torch.cuda.device_count()} GPU(s) visible)"
+    rows = [("mnist-dist", mnist_dist.__version__), ("torch", torch.__version__),
+            ("accelerate", accelerate.__version__), ("CUDA", cuda)]  # fmt: skip
+    return "\n".join(f"{name:<11}{value}" for name, value in rows)
+
+
+def _print_versions(given: bool) -> None:
+    if given:
+        typer.echo(versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_versions, help="Print the versions and exit."
+        ),
+    ] = False,
+) -> None:
+    """Train the reference Net on MNIST, the same way on a CPU, one GPU, N GPUs or a cluster."""
+
 
 LAUNCH_OPTIONS = ("processes", "nodes", "node_rank", "main_address", "main_port")
 KW = inspect.Parameter.KEYWORD_ONLY
@@ -279,8 +312,8 @@ def _make_train_command() -> Callable[..., None]:
     return config_command(
         run_train,
         [*_CONFIG_PARAMS, *_LAUNCH_PARAMS],
-        "Train Net. Options not given come from --preset (or --config); --processes/--nodes launch ranks "
-        "through Accelerate.",
+        "Train a model. Options not given come from --preset (or --config); --processes/--nodes launch "
+        "ranks through Accelerate.",
     )
 
 
@@ -406,10 +439,16 @@ def evaluate(
     data_dir: Annotated[Optional[Path], typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,  # noqa: UP045
     split_seed: Annotated[int, typer.Option(help="Split seed the weights were trained with.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch.")] = 2000,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the same results as JSON (per-class and confusion counts of both splits)."
+        ),
+    ] = False,
 ) -> None:
-    """Validation and test accuracy of saved weights (loaded without executing code)."""
+    """Val and test accuracy of saved weights (loaded without running code), per class; test confusions."""
     from mnist_dist import data as D
-    from mnist_dist.evaluate import evaluate_weights
+    from mnist_dist.evaluate import evaluate_weights, format_report
     from mnist_dist.weights import WeightsError
 
     if not weights.exists():
@@ -422,10 +461,112 @@ def evaluate(
         raise fail(str(e)) from None
     except D.DataError as e:
         raise fail(str(e), code=1) from None
-    typer.echo(
-        f"val  {100 * result['val_acc']:.2f}%  ({result['val_count']:,} images, split seed {split_seed})"
-    )
-    typer.echo(f"test {100 * result['test_acc']:.2f}%  ({result['test_count']:,} images)")
+    typer.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+
+
+@app.command()
+def predict(
+    weights: Annotated[
+        Path,
+        typer.Argument(
+            metavar="WEIGHTS_OR_RUN",
+            help="A run folder, its model.safetensors, or a reference-design state dict (.pt/.pth).",
+        ),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="IMAGE_OR_FOLDER...",
+            help="Pictures of one digit each: PNG, JPEG or any format Pillow reads; any size, colour or grey, "
+            "dark on light or light on dark. A folder stands for its files, in name order; its subfolders "
+            "are not entered, and a file in it that is not an image is an error line.",
+        ),
+    ],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Model the weights are for; default: the run's config.json, else the tensor shapes."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per line: file, digit and probabilities (10 floats)."),
+    ] = False,
+    save_preprocessed: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(metavar="DIR", help="Write each 28x28 digit the model saw to DIR as <file stem>.png."),
+    ] = None,
+) -> None:
+    """Classify your own digit pictures, each brought into MNIST's form first (grey, light on black,
+    fitted into 20x20, centred by its centre of mass). Exit code 1 when any file fails."""
+    from mnist_dist.predict import Failure, input_files, output_dir_problem, predict_files, ready_model
+    from mnist_dist.weights import WeightsError
+
+    if not weights.exists():
+        raise fail(f"weights file or run folder {weights} does not exist")
+    if missing := [str(p) for p in images if not p.exists()]:
+        raise fail(f"no such image or folder: {', '.join(missing)}")
+    if save_preprocessed is not None and (problem := output_dir_problem(save_preprocessed)):
+        raise fail(f"--save-preprocessed {save_preprocessed} {problem}")
+    try:
+        net = ready_model(weights, model)
+    except WeightsError as e:
+        raise fail(str(e)) from None
+    failed = 0
+    for result in predict_files(net, input_files(images), save_preprocessed):
+        if isinstance(result, Failure):
+            failed += 1
+            typer.secho(f"Error: {result.line()}", fg=typer.colors.RED, err=True)
+        else:
+            typer.echo(json.dumps(result.to_json()) if as_json else result.line())
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    weights: Annotated[
+        Path,
+        typer.Argument(
+            metavar="WEIGHTS_OR_RUN",
+            help="A run folder, its model.safetensors, or a reference-design state dict (.pt/.pth).",
+        ),
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx (needs the export extra), torchscript or exported-program (torch.export's .pt2).",
+        ),
+    ],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="File to write; default: beside the weights, <run>/model.onnx, .pt or .pt2."),
+    ] = None,
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Model the weights are for; default: the run's config.json, else the tensor shapes."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,  # noqa: UP045
+) -> None:
+    """Export weights for another runtime, checked on the 10k test images against PyTorch."""
+    from mnist_dist import data as D
+    from mnist_dist.export import ExportCheckError, ExportError, export_model
+    from mnist_dist.weights import WeightsError
+
+    if data_dir is not None and not data_dir.is_dir():
+        raise fail(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
+    try:
+        result = export_model(weights, fmt, out, model=model, force=force, data_root=data_dir)
+    except (ExportError, WeightsError) as e:
+        raise fail(str(e)) from None
+    except (ExportCheckError, D.DataError) as e:
+        raise fail(str(e), code=1) from None
+    typer.echo(result.line())
+    typer.echo(result.how_to_load())
 
 
 @app.command()
@@ -446,6 +587,31 @@ def report(
         typer.echo(f"wrote {path}")
     for reason in skipped:
         typer.echo(f"skipped {reason}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN...", help="Run folders (each holds metrics.jsonl).")
+    ],
+    out: Annotated[Path, typer.Option(help="The PNG of the runs' curves overlaid.")] = Path("compare.png"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON (then 'wrote' goes to stderr).")
+    ] = False,
+) -> None:
+    """Compare runs from their folders alone: a table of their results and one picture of their curves."""
+    from mnist_dist.compare import compare as compare_runs
+    from mnist_dist.compare import format_table
+    from mnist_dist.runfiles import RunFilesError
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise fail(f"--out {str(out)!r} must be a file in an existing folder")
+    try:
+        rows = compare_runs(run_dirs, out)
+    except RunFilesError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    typer.echo(f"wrote {out}", err=as_json)
 
 
 # ---------------------------------------------------------------------- bench

@@ -85,6 +85,11 @@ def restart_seed(seed: int, rank: int, step: int) -> int:
     return rank_seed(seed, rank) * 1_000_003 + step
 
 
+def local_device() -> torch.device:
+    """Where a single-process command (evaluate, predict, bench) computes: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from mnist_dist import data as D
+from mnist_dist.distributed import local_device
 from mnist_dist.weights import load_model
 
 
@@ -74,26 +75,77 @@ def evaluate_split(
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> float:
-    """The share of ``split`` the model classifies right, in this process, in full precision."""
+def _in_process(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> tuple[list[float], torch.Tensor]:
+    """(correct, summed loss, count) and every prediction of ``split``, in this process, in full precision."""
     model.eval()
     indices = torch.arange(len(split), device=split.labels.device)
-    correct, _, count = _sums(model, split, indices, batch, nullcontext)[0].tolist()
+    sums, preds = _sums(model, split, indices, batch, nullcontext)
+    predictions = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=indices.device)
+    return sums.tolist(), predictions
+
+
+def accuracy(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> float:
+    """The share of ``split`` the model classifies right, in this process, in full precision."""
+    (correct, _, count), _ = _in_process(model, split, batch)
     return correct / count
+
+
+def split_report(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> dict[str, Any]:
+    """Accuracy, loss, per-class counts and the confusion counts (rows true, columns predicted) of
+    ``split``: the per-class numbers come from the same predictions the accuracy counts."""
+    from mnist_dist.plots import confusion_matrix
+
+    (correct, loss, count), predictions = _in_process(model, split, batch)
+    counts = confusion_matrix(split.labels.cpu(), predictions.cpu())
+    right, images = counts.diag().tolist(), counts.sum(1).tolist()
+    return {
+        "acc": correct / count,
+        "loss": loss / count,
+        "count": int(count),
+        "per_class": [
+            {"class": c, "correct": r, "count": n, "acc": r / n if n else None}
+            for c, (r, n) in enumerate(zip(right, images, strict=True))
+        ],
+        "confusion": counts.tolist(),
+    }
 
 
 def evaluate_weights(
     path: Path, data_root: Path, split_seed: int, batch: int, model: str | None = None
 ) -> dict[str, Any]:
-    """Validation and test accuracy of the weights at ``path`` (a run folder or a weights file)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The weights at ``path`` (a run folder or a weights file) measured on validation and test."""
+    device = local_device()
     net, name = load_model(path, model)
     net = net.to(device)
     splits = D.device_splits(D.load_mnist(data_root), split_seed, device, max_train=1)
     return {
         "model": name,
-        "val_acc": accuracy(net, splits["val"], batch),
-        "val_count": len(splits["val"]),
-        "test_acc": accuracy(net, splits["test"], batch),
-        "test_count": len(splits["test"]),
+        "split_seed": split_seed,
+        **{split: split_report(net, splits[split], batch) for split in ("val", "test")},
     }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """``evaluate_weights``' result for a terminal: the two accuracy lines, per-class accuracy on both
+    splits, and the test confusion counts."""
+    val, test = result["val"], result["test"]
+    lines = [
+        f"val  {100 * val['acc']:.2f}%  ({val['count']:,} images, split seed {result['split_seed']})",
+        f"test {100 * test['acc']:.2f}%  ({test['count']:,} images)",
+        "",
+        f"{'class':>5}  {'val':>7} {'right/images':>13}  {'test':>7} {'right/images':>13}",
+    ]
+    for v, t in zip(val["per_class"], test["per_class"], strict=True):
+        lines.append(f"{v['class']:>5}  {_class_cells(v)}  {_class_cells(t)}")
+    lines += ["", "test confusion counts (rows: true digit, columns: predicted)"]
+    width = max(len(f"{n:,}") for row in test["confusion"] for n in row) + 1
+    lines.append("     " + "".join(f"{p:>{width}}" for p in range(len(test["confusion"]))))
+    for true, row in enumerate(test["confusion"]):
+        lines.append(f"{true:>5}" + "".join(f"{n:>{width},}" for n in row))
+    return "\n".join(lines)
+
+
+def _class_cells(row: dict[str, Any]) -> str:
+    acc = "-" if row["acc"] is None else f"{100 * row['acc']:.2f}%"
+    right = f"{row['correct']:,}/{row['count']:,}"
+    return f"{acc:>7} {right:>13}"

@@ -5,6 +5,7 @@
     misclassified.png     misclassified validation digits, true → predicted
 
     mnist-dist report RUN_DIR          # draws them again, e.g. after changing this file
+    mnist-dist compare RUN_DIR...      # several runs' curves overlaid in one picture (plot_compare)
 
 The training writes them at its end through the same ``render_run``; the figures use matplotlib's
 object API (no pyplot), so drawing never touches global state or needs a display.
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from mnist_dist.files import atomic_write
 from mnist_dist.runfiles import (
@@ -73,14 +74,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
-    """Loss, accuracy and LR against (fractional) epochs. A resumed run appends records: the last
-    record of each step and epoch wins."""
-    steps = sorted(
-        {r["step"]: r for r in records if r.get("kind") == "step"}.values(), key=lambda r: r["step"]
-    )
-    epochs = sorted(
-        {r["epoch"]: r for r in records if r.get("kind") == "epoch"}.values(), key=lambda r: r["epoch"]
-    )
+    """Loss, accuracy and LR against (fractional) epochs."""
+    steps, epochs = latest(records, "step"), latest(records, "epoch")
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     loss, acc, lr = fig.subplots(1, 3)
 
@@ -113,6 +108,32 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=8)
     for ax in (loss, acc, lr):
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def latest(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The records of one ``kind`` ("step" or "epoch", each numbered by the field of that name) in
+    order. A resumed run appends records: the last one of each number wins."""
+    return sorted({r[kind]: r for r in records if r.get("kind") == kind}.values(), key=lambda r: r[kind])
+
+
+def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Several runs' validation accuracy and train loss by epoch, overlaid; ``curves`` maps each run's
+    label to its epoch records."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    acc, loss = fig.subplots(1, 2)
+    for label, epochs in curves.items():
+        e = [r["epoch"] for r in epochs]
+        acc.plot(e, [100 * r["val_acc"] for r in epochs], "o-", ms=3, label=label)
+        loss.plot(e, [r["train_loss"] for r in epochs], "o-", ms=3, label=label)
+    acc.set(title="Validation accuracy (%)", xlabel="epoch")
+    loss.set(title="Train loss (epoch mean, NLL)", xlabel="epoch", yscale="log")
+    loss.yaxis.set_major_formatter(FuncFormatter(_plain))
+    loss.yaxis.set_minor_formatter(FuncFormatter(_one_two_five))
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

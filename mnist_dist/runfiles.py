@@ -115,6 +115,20 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json; None while the run has not finished."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunFilesError(f"{path} is unreadable: {e}") from None
+    if not isinstance(summary, dict):
+        raise RunFilesError(f"{path} holds a {type(summary).__name__}, expected a JSON object")
+    return summary
+
+
 def write_wandb_id(run_dir: Path, run_id: str) -> Path:
     return write_text_atomic(Path(run_dir) / WANDB_ID_FILE, run_id + "\n")
 

@@ -6,7 +6,6 @@ accuracy (never the best epoch) on validation and test, per seed and as mean/std
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -21,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mnist_dist import env
+from mnist_dist import env, runfiles
 from mnist_dist.config import TrainConfig
 from mnist_dist.files import write_text_atomic
 
@@ -86,9 +85,8 @@ def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, An
     failed = _run_all([seed_config(cfg, seed, jobs, cuda) for seed in seeds], jobs)
     rows = []
     for seed in seeds:
-        path = Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed) / "summary.json"
-        if seed not in failed and path.is_file():
-            s = json.loads(path.read_text())
+        s = runfiles.read_summary(Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed))
+        if seed not in failed and s is not None:
             rows.append({"seed": seed, **{k: s[k] for k in (*STATS, "best_epoch", "best_val_acc", "epochs")}})
     return {
         "config": cfg.to_dict(),

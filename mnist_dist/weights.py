@@ -120,9 +120,16 @@ def _configured_model(weights: Path) -> str | None:
 def infer_model(state: dict[str, torch.Tensor]) -> str:
     """The one model in ``MODELS`` whose state dict has exactly these keys and tensor shapes."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for name in MODELS:
-        if shapes == {k: tuple(v.shape) for k, v in build_model(name).state_dict().items()}:
+    expected = {name: build_model(name).state_dict() for name in MODELS}
+    for name, model_state in expected.items():
+        if shapes == {k: tuple(v.shape) for k, v in model_state.items()}:
             return name
+    nearest = max(expected, key=lambda name: len(expected[name].keys() & state.keys()))
+    if expected[nearest].keys() != state.keys():  # another layout: its keys say more than its shapes
+        raise WeightsError(
+            f"its keys match none of the models {', '.join(MODELS)}; against the nearest, {nearest!r}: "
+            f"{_mismatch(expected[nearest], state)}; name one with --model"
+        )
     convs = [f"{k} {list(s)}" for k, s in shapes.items() if len(s) == 4] or [
         f"{k} {list(s)}" for k, s in shapes.items()
     ]
