@@ -31,6 +31,22 @@ def mnist(data_root: Path) -> D.MNISTArrays:
     return D.load_mnist(data_root, allow_download=False)
 
 
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, dict]:
+    """One short real training shared by the proofs that need real weights (evaluate, predict,
+    export): the reference recipe on 16,000 real images for 2 epochs, one thread. Weaker weights
+    hesitate over many digits, and then any change of their pixels flips some of them."""
+    from mnist_dist.config import from_preset
+    from mnist_dist.trainer import train
+
+    out = tmp_path_factory.mktemp("real-run")
+    cfg = from_preset(
+        "reference", max_train_samples=16_000, epochs=2, log_every=10, data_dir=str(data_root),
+        wandb="disabled", threads=1, output_dir=str(out), name="run",
+    )  # fmt: skip
+    return out / "run", train(cfg)
+
+
 def synthetic_digits(seed: int = 0) -> D.MNISTArrays:
     """MNIST-shaped uint8 arrays (a tenth of MNIST: 6,000 train, 1,000 test) on a noisy background,
     whose class is a striped patch: horizontal or vertical stripes, 1 to 5 pixels wide. Local

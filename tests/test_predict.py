@@ -21,7 +21,6 @@ from mnist_dist.data import DeviceSplit, MNISTArrays
 from mnist_dist.evaluate import accuracy
 from mnist_dist.model import build_model
 from mnist_dist.runfiles import WEIGHTS_FILE, write_config
-from mnist_dist.trainer import train
 from mnist_dist.weights import save_weights
 
 
@@ -252,26 +251,13 @@ def test_refusals_exit_2_with_one_line(weights: Path, tmp_path: Path, args: list
 
 # ---------------------------------------------------------------------- proof
 N_DIGITS = 400
-# Enough for a model that is sure of most digits: a weaker one hesitates over many, and then any change
-# of their pixels (JPEG, resampling) flips some of them, whatever preprocessing reads them.
-TRAIN_SAMPLES = 16_000
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("predict-run")
-    cfg = from_preset(
-        "reference", max_train_samples=TRAIN_SAMPLES, epochs=2, data_dir=str(data_root), wandb="disabled",
-        threads=1, output_dir=str(out), name="run",
-    )  # fmt: skip
-    return out / "run", train(cfg)
 
 
 @pytest.mark.proof
 def test_real_digits_drawn_by_a_user_are_read_as_well_as_mnist_itself(
-    trained: tuple[Path, dict], mnist: MNISTArrays, tmp_path: Path
+    real_run: tuple[Path, dict], mnist: MNISTArrays, tmp_path: Path
 ) -> None:
-    run, summary = trained
+    run, summary = real_run
     images, labels = mnist.test_images[:N_DIGITS], mnist.test_labels[:N_DIGITS]
     rng = random.Random(0)
     for i, digit in enumerate(images):
