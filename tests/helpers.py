@@ -79,3 +79,13 @@ def started(cmd: list[str], tmp: Path, log: Path, **env_extra: str) -> Iterator[
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             kill_marked(str(tmp / "tmp"))
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.sentinel}",))

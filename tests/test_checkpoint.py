@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import signal
@@ -33,7 +32,7 @@ from mnist_dist import data as D
 from mnist_dist.config import default_data_dir
 from mnist_dist.preemption import PREEMPTED_EXIT
 
-from .helpers import started
+from .helpers import RunsCode, started
 
 pytestmark = [
     pytest.mark.proof,
@@ -186,16 +185,6 @@ def test_a_modified_file_is_refused(runs: Runs, tmp_path: Path) -> None:
         fmt.verify(ckpt)
     with pytest.raises(fmt.CheckpointError, match="not a mnist-dist checkpoint"):
         fmt.verify(tmp_path)
-
-
-class RunsCode:
-    """Unpickling this calls os.system: what a malicious checkpoint would do."""
-
-    def __init__(self, sentinel: Path) -> None:
-        self.sentinel = sentinel
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.sentinel}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the raw pickle below

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 from pathlib import Path
@@ -24,6 +23,8 @@ from mnist_dist.config import ConfigError, TrainConfig, from_preset
 from mnist_dist.model import build_model
 from mnist_dist.optim import EMA
 from mnist_dist.state import Meters, TrainState
+
+from .helpers import RunsCode
 
 STEPS_PER_EPOCH = 4
 
@@ -88,16 +89,6 @@ def test_a_format_1_checkpoint_is_refused_naming_both_versions(tmp_path: Path) -
         fmt.verify(path)
     with pytest.raises(fmt.FormatError):  # not skipped: --resume auto must not restart the run
         fmt.find_latest(tmp_path)
-
-
-class RunsCode:
-    """Unpickling this calls os.system: what a malicious checkpoint would do."""
-
-    def __init__(self, sentinel: Path) -> None:
-        self.sentinel = sentinel
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.sentinel}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the raw pickle below
