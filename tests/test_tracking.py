@@ -33,7 +33,6 @@ from mnist_dist.model import build_model, count_parameters
 from mnist_dist.tracking import PROBE_SECONDS, probe_wandb_server
 
 pytestmark = [
-    pytest.mark.proof,
     pytest.mark.skipif(
         bool(D.missing_files(default_data_dir())), reason="MNIST not found (set MNIST_DATA_DIR)"
     ),
@@ -99,6 +98,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp, tmp / "runs" / "two-ranks"
 
 
+@pytest.mark.proof
 def test_one_offline_run_holds_history_and_summary(offline_run: tuple[Path, Path]) -> None:
     tmp, run_dir = offline_run
     runs = sorted(tmp.rglob("offline-run-*"))
@@ -145,6 +145,7 @@ def test_one_offline_run_holds_history_and_summary(offline_run: tuple[Path, Path
     assert len(summary["code_version"].removesuffix("-dirty")) == 40  # the tests run from a git checkout
 
 
+@pytest.mark.proof
 def test_pictures_are_real_images(offline_run: tuple[Path, Path]) -> None:
     _, run_dir = offline_run
     for name in PICTURES:
@@ -157,6 +158,7 @@ def test_pictures_are_real_images(offline_run: tuple[Path, Path]) -> None:
         assert (run_dir / name).stat().st_size < 300_000
 
 
+@pytest.mark.proof
 def test_report_redraws_the_pictures_from_the_run_files(
     offline_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -188,6 +190,7 @@ def test_report_refuses_a_bad_run_folder(tmp_path: Path, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------- disabled: wandb never imported
+@pytest.mark.proof
 def test_disabled_never_imports_wandb(tmp_path: Path) -> None:
     script = f"""
 import sys
@@ -323,6 +326,7 @@ def start_tracker(tmp: Path, run_dir: Path, mode: str, **env: str) -> tuple[dict
     return json.loads(line.removeprefix("RESULT ")), result.stderr
 
 
+@pytest.mark.proof
 def test_hung_server_falls_back_to_offline_within_seconds(tmp_path: Path, silent_server: str) -> None:
     """Without the probe, wandb.init would wait out its init_timeout (and retry past it)."""
     run_dir = tmp_path / "hung"
@@ -336,6 +340,7 @@ def test_hung_server_falls_back_to_offline_within_seconds(tmp_path: Path, silent
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.proof
 def test_auto_without_credentials_is_offline_and_resume_keeps_the_run_id(tmp_path: Path) -> None:
     run_dir = tmp_path / "auto"
     first, stderr = start_tracker(tmp_path, run_dir, "auto")
