@@ -180,7 +180,7 @@ def test_a_crashed_rank_fails_the_whole_launch_quickly(tmp_path: Path, data_root
            "--processes", "2", "--output-dir", str(tmp_path), "--name", "crash"]  # fmt: skip
     parent = subprocess.Popen(
         cmd,
-        env=clean_env(),
+        env=clean_env(WANDB_MODE="disabled"),  # no wandb-core child among the ranks
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -194,7 +194,7 @@ def test_a_crashed_rank_fails_the_whole_launch_quickly(tmp_path: Path, data_root
         ranks = [
             p
             for p in psutil.Process(parent.pid).children(recursive=True)
-            if "LOCAL_RANK" in p.environ()  # the ranks, not the launcher or its elastic agent
+            if "LOCAL_RANK" in p.environ() and "mnist_dist.train" in p.cmdline()  # not the launcher or agent
         ]
         assert len(ranks) == 2
         ranks[1].send_signal(signal.SIGKILL)
