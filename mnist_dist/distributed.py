@@ -1,5 +1,6 @@
 """What the ranks of one run must agree on, decided in one place: rank 0's choices, the world size,
-the weights every rank evaluates, the seeds of each rank's random streams and the device's name."""
+the weights every rank evaluates, the seeds of each rank's random streams, the kernels
+``--deterministic`` allows and the device's name."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from mnist_dist import env
+from mnist_dist.config import ConfigError
 
 T = TypeVar("T")
 
@@ -83,6 +85,31 @@ def rank_seed(seed: int, rank: int) -> int:
 def restart_seed(seed: int, rank: int, step: int) -> int:
     """A rank's streams after a resume on another world size, where the saved streams do not apply."""
     return rank_seed(seed, rank) * 1_000_003 + step
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspace sizes cuBLAS documents as reproducible
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """``--deterministic``: kernels that give the same result from the same inputs, every run.
+
+    On the CPU an op without a deterministic kernel raises. On a GPU it only warns, naming itself:
+    torch has no deterministic CUDA kernel for some ops (none on the harness's train or evaluation
+    path), and a warning costs a cluster job less than a crash. cuBLAS needs a fixed workspace,
+    read at its first call (the default is set here, before any), and cuDNN must not autotune.
+    """
+    if not deterministic:
+        return
+    cuda = device.type == "cuda"
+    if cuda:
+        workspace = os.environ.setdefault(env.CUBLAS_WORKSPACE_CONFIG, CUBLAS_DETERMINISTIC[0])
+        if workspace not in CUBLAS_DETERMINISTIC:
+            raise ConfigError(
+                f"--deterministic on a GPU needs {env.CUBLAS_WORKSPACE_CONFIG} unset or one of "
+                f"{', '.join(CUBLAS_DETERMINISTIC)}; got {workspace!r}"
+            )
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
 
 
 def local_device() -> torch.device:

@@ -23,6 +23,9 @@ LAUNCHER_VARS = (WORLD_SIZE, RANK, LOCAL_RANK)  # their presence means "this pro
 # Accelerate
 ACCELERATE_USE_CPU = "ACCELERATE_USE_CPU"
 
+# CUDA
+CUBLAS_WORKSPACE_CONFIG = "CUBLAS_WORKSPACE_CONFIG"  # cuBLAS is reproducible only with a fixed workspace
+
 # SLURM
 SLURM_JOB_ID = "SLURM_JOB_ID"
 SLURM_ARRAY_JOB_ID = "SLURM_ARRAY_JOB_ID"

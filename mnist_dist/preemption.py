@@ -116,9 +116,19 @@ class PreemptionWatch:
             self._pid_file.unlink(missing_ok=True)
 
 
+def slurm_job() -> str | None:
+    """The id ``scontrol`` takes for this job: an array task's own ``<array job id>_<task id>``, since
+    the array's job id (also the first task's SLURM_JOB_ID) names every task of the array."""
+    array, task = os.environ.get(env.SLURM_ARRAY_JOB_ID), os.environ.get(env.SLURM_ARRAY_TASK_ID)
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get(env.SLURM_JOB_ID) or None
+
+
 def requeue_slurm_job() -> str:
-    """`scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and reruns the same script."""
-    job = os.environ.get(env.SLURM_JOB_ID)
+    """`scontrol requeue <this job>`: the job (in an array, this task only) goes back to the queue and
+    reruns the same script."""
+    job = slurm_job()
     if not job:
         return "mnist-dist: --requeue: not running under SLURM (no SLURM_JOB_ID); nothing to requeue"
     try:

@@ -95,7 +95,8 @@ def test_workers_register_their_pid_and_leave_a_marker_naming_the_signal(launch_
 
 
 def test_requeue_outside_slurm_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(env.SLURM_JOB_ID, raising=False)
+    for name in (env.SLURM_JOB_ID, env.SLURM_ARRAY_JOB_ID, env.SLURM_ARRAY_TASK_ID):
+        monkeypatch.delenv(name, raising=False)  # run inside a SLURM job, this must not requeue it
     assert "not running under SLURM" in requeue_slurm_job()
 
 
@@ -118,6 +119,8 @@ def test_requeue_after_a_preemption_but_not_after_ctrl_c(
     monkeypatch.setenv("PATH", f"{REPO / 'tests/fakes'}:/usr/bin:/bin")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
     monkeypatch.setenv(env.SLURM_JOB_ID, "4242")
+    monkeypatch.delenv(env.SLURM_ARRAY_JOB_ID, raising=False)
+    monkeypatch.delenv(env.SLURM_ARRAY_TASK_ID, raising=False)
     watch = PreemptionWatch(Accelerator(cpu=True))
     try:
         signal.raise_signal(signum)
@@ -157,12 +160,15 @@ def test_the_launcher_passes_ctrl_c_to_the_workers_only_and_returns_130(tmp_path
             signal.alarm(1)
 
     previous = signal.signal(signal.SIGALRM, ctrl_c_once_registered)
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     signal.alarm(1)
     try:
         code = run_ranks(cmd, clean_env(**{env.LAUNCH_DIR: str(tmp_path)}), tmp_path)
+        restored = signal.getsignal(signal.SIGINT)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGINT, interactive)
     assert code == INTERRUPTED_EXIT
     assert (tmp_path / "inherited").read_text() == "True"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the launcher's restored
+    assert restored is signal.default_int_handler  # the launcher's own handler is back
