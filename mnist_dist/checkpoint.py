@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from mnist_dist import checkpoint_format as fmt
 from mnist_dist.compat import check_compatible, run_plan
 from mnist_dist.config import TrainConfig
 from mnist_dist.distributed import agree, restart_seed
+from mnist_dist.faults import WriteFailed, raise_first, writing
 from mnist_dist.files import fsync_paths, write_json_atomic
 from mnist_dist.state import TrainState
 from mnist_dist.weights import WeightsError, load_state_dict
@@ -41,7 +43,11 @@ _AUG_GEN, _METER = "aug_gen", "meter."  # keys of a rank's own file
 
 
 class Checkpointer:
-    """Writes and restores one run's checkpoints. Every method is called on every rank."""
+    """Writes and restores one run's checkpoints. Every method is called on every rank.
+
+    ``before_save`` runs (on every rank) before each checkpoint is written and may raise to prevent
+    it: the trainer refuses to save weights that have diverged.
+    """
 
     def __init__(
         self,
@@ -55,13 +61,16 @@ class Checkpointer:
         ema: torch.nn.Module | None,
         aug_gen: torch.Generator,
         steps_per_epoch: int,
+        before_save: Callable[[], None] = lambda: None,
     ) -> None:
         self.accelerator, self.cfg, self.dir = accelerator, cfg, Path(run_dir) / "checkpoints"
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         self.ema, self.aug_gen, self.steps_per_epoch = ema, aug_gen, steps_per_epoch
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.plan = run_plan(cfg, net, self.world, steps_per_epoch)
+        self.before_save = before_save
         self._saved: tuple[int, Path] | None = None
+        self.latest: Path | None = None  # the newest checkpoint saved or loaded by this process
 
     # ------------------------------------------------------------------ save
     def maybe_save(self, state: TrainState, *, epoch_end: bool) -> Path | None:
@@ -76,29 +85,61 @@ class Checkpointer:
         return None
 
     def save(self, state: TrainState, reason: str) -> Path:
-        """Write a checkpoint of the current step (collective; once per step); return its folder."""
+        """Write a checkpoint of the current step (collective; once per step); return its folder.
+        A write that fails on any rank stops every rank with WriteFailed: the folder being filled is
+        removed, and the newest complete checkpoint stays the one ``--resume auto`` picks."""
         if self._saved and self._saved[0] == state.global_step:
             return self._saved[1]
+        self.before_save()
         final = self.dir / fmt.folder_name(state.global_step)
-        tmp, acc = fmt.tmp_folder(final), self.accelerator
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        tmp, acc, then = fmt.tmp_folder(final), self.accelerator, self._then(final)
+        agree(acc, lambda: self._fresh_folder(tmp, then))
+        fault = None
+        try:
+            self._write_own(tmp, state, then)
+        except WriteFailed as e:  # raised below on every rank, once all have written
+            fault = e
+        try:
+            raise_first(acc, fault)
+            path = agree(acc, lambda: self._commit(tmp, final, state, reason, then))
+        except Exception:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._saved = (state.global_step, path)
+        self.latest = path
+        return path
+
+    def _then(self, final: Path) -> str:
+        """What a failed write leaves behind, and how to continue."""
+        if self.latest is None:
+            return f"{final.name} was not written and the run has no earlier checkpoint: fix that, rerun"
+        return (
+            f"{final.name} was not written; {self.latest} is intact: fix that, then run the same command "
+            "with --resume auto to continue from it"
+        )
+
+    def _fresh_folder(self, tmp: Path, then: str) -> None:
+        """Main process: an empty folder to fill (an interrupted attempt's leftovers go)."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(tmp, then):
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # model, optimizer (main process); random_states_<rank>.pkl (every rank)
+
+    def _write_own(self, tmp: Path, state: TrainState, then: str) -> None:
+        """This rank's files: accelerate's (model and optimizer from the main process, each rank's
+        random states) and the rank's augmentation generator and meters."""
+        with writing(tmp, then):
+            self.accelerator.save_state(str(tmp))
         own = tmp / f"rank_{self.rank}.safetensors"
         tensors = {_AUG_GEN: self.aug_gen.get_state()}
         tensors.update({_METER + k: v for k, v in state.state_dict()["meters"].items()})
-        save_file(tensors, str(own))
-        fsync_paths(own, tmp / f"random_states_{self.rank}.pkl")
-        acc.wait_for_everyone()
-        path = agree(acc, lambda: self._commit(tmp, final, state, reason))
-        self._saved = (state.global_step, path)
-        return path
+        with writing(own, then):
+            save_file(tensors, str(own))
+            fsync_paths(own, tmp / f"random_states_{self.rank}.pkl")
 
-    def _commit(self, tmp: Path, final: Path, state: TrainState, reason: str) -> Path:
+    def _commit(self, tmp: Path, final: Path, state: TrainState, reason: str, then: str) -> Path:
         """Main process: add the run's own state, seal the folder, prune the older ones."""
-        try:
+        with writing(tmp, then):
             self._write_run_state(tmp, state)
             fmt.commit(
                 tmp,
@@ -112,8 +153,6 @@ class Checkpointer:
                     "world_size": self.world,
                 },
             )
-        except Exception as e:
-            raise fmt.CheckpointError(f"could not write checkpoint {final}: {e}") from None
         fmt.prune(self.dir, final, self.cfg.keep_checkpoints)
         return final
 
@@ -170,6 +209,7 @@ class Checkpointer:
             old_world, template = saved["plan"]["world_size"], state.state_dict()["meters"]
             meters = self._restart_streams(path, old_world, position["global_step"], template)
         state.load_state_dict({"position": position, "meters": meters})
+        self.latest = path
 
     def _restart_streams(
         self, path: Path, old_world: int, step: int, template: dict[str, torch.Tensor]

@@ -275,6 +275,7 @@ def run_train(config_file: Path | None, print_config: bool, **options: Any) -> N
 def _train_or_fail(cfg: TrainConfig) -> None:
     from mnist_dist.checkpoint_format import CheckpointError
     from mnist_dist.data import DataError
+    from mnist_dist.faults import WRITE_FAILED_EXIT, Fault, write_failed
     from mnist_dist.preemption import Preempted
     from mnist_dist.trainer import train
 
@@ -286,6 +287,13 @@ def _train_or_fail(cfg: TrainConfig) -> None:
         raise fail(str(e)) from None
     except DataError as e:
         raise fail(str(e), code=1) from None
+    except Fault as e:  # the same on every rank: rank 0 says it
+        if os.environ.get(env.RANK, "0") != "0":
+            raise typer.Exit(e.exit_code) from None
+        raise fail(str(e), code=e.exit_code) from None
+    except OSError as e:  # a run file the main process writes as it goes (metrics.jsonl)
+        then = "the run's newest checkpoint is intact: fix that, then run the same command with --resume auto"
+        raise fail(str(write_failed(Path(cfg.output_dir), e, then)), code=WRITE_FAILED_EXIT) from None
 
 
 def _launch_or_fail(cfg: TrainConfig, launch: dict[str, Any]) -> None:

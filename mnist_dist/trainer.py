@@ -6,7 +6,9 @@
     end_epoch(e, ...)   reduce the epoch's sums over ranks, evaluate, log, checkpoint
     finish()            final evaluation, model.safetensors, summary and pictures
 
-``train(cfg)`` runs them and always cleans up. Every counter and meter lives on ``self.state``
+``train(cfg)`` runs them and always cleans up. A loss or weight that turns NaN or inf stops every
+rank at the next log boundary or checkpoint, whichever comes first, before anything is saved from it
+(``faults.Diverged``). Every counter and meter lives on ``self.state``
 (``mnist_dist.state.TrainState``), which the checkpointer saves and restores. Tests hook in from
 outside through ``Hooks`` instead of branches inside the loop.
 """
@@ -28,7 +30,7 @@ from accelerate.utils import tqdm as progress
 
 from mnist_dist import data as D
 from mnist_dist import distributed as dist
-from mnist_dist import runfiles
+from mnist_dist import faults, runfiles
 from mnist_dist.checkpoint import Checkpointer
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, run_dir_taken
 from mnist_dist.evaluate import evaluate_split
@@ -75,8 +77,7 @@ class Trainer:
         cfg.validate(world_size=self.world, cuda=self.device.type == "cuda")
         dist.check_world_size(acc)
         self.threads = dist.set_threads(cfg.threads, acc)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+        dist.set_determinism(cfg.deterministic, self.device)
         set_seed(cfg.seed)
         self.splits = self._device_data(data)
         self.batch_size = cfg.per_process_batch(self.world)
@@ -91,9 +92,10 @@ class Trainer:
         self.checkpointer = Checkpointer(
             acc, cfg, self.run_dir, net=self.net, optimizer=self.optimizer, scheduler=self.scheduler,
             ema=self.ema.module if self.ema else None, aug_gen=self.aug_gen,
-            steps_per_epoch=self.steps_per_epoch,
+            steps_per_epoch=self.steps_per_epoch, before_save=self.check_finite,
         )  # fmt: skip
         self.resumed_from = self._resume()
+        self.checked_step = self.state.global_step  # the last step known finite (a checkpoint's were)
         self.tracker = make_tracker(acc, cfg, self.run_dir)
         self._announce()
 
@@ -241,9 +243,12 @@ class Trainer:
         return time.perf_counter() - t0, time.process_time() - cpu0
 
     def log_window(self) -> None:
-        """The mean train loss of this rank's samples since the last log: one host sync per log."""
+        """The mean train loss of this rank's samples since the last log, after checking that no rank's
+        loss or weights diverged: one host sync per log."""
         meters = self.state.meters
-        loss, seen = torch.stack([meters.window_loss.double(), meters.window_seen.double()]).tolist()
+        window = torch.stack([meters.window_loss.double(), meters.window_seen.double()])
+        loss, seen, *diverged = torch.cat([window, self.nonfinite()]).tolist()
+        self.stop_if_diverged(diverged)
         meters.reset_window()
         step = self.state.global_step
         metrics = {"train/loss": loss / seen, "lr": self.scheduler.get_last_lr()[0]}
@@ -252,6 +257,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, seconds: float, cpu_seconds: float) -> None:
         """Reduce the epoch's train sums over ranks, evaluate, log, and checkpoint."""
+        self.check_finite()
         state, meters = self.state, self.state.meters
         counts = torch.stack([meters.loss_sum.double(), meters.correct.double(), meters.seen.double()])
         if self.world > 1:
@@ -280,6 +286,36 @@ class Trainer:
         meters.reset_epoch()
         self.checkpointer.maybe_save(state, epoch_end=True)
 
+    # ------------------------------------------------------------------ divergence
+    def nonfinite(self) -> torch.Tensor:
+        """Two flags, the train loss since the last log and the weights: 1.0 where some rank holds a
+        NaN or an inf. Device work outside ``train_step``; collective when world > 1."""
+        weights = torch.stack([torch.isfinite(p.detach()).all() for p in self.net.parameters()]).all()
+        flags = torch.stack([torch.isfinite(self.state.meters.window_loss), weights]).logical_not().double()
+        if self.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags
+
+    def stop_if_diverged(self, flags: list[float]) -> None:
+        """Raise Diverged (on every rank: the flags are reduced) if the loss or the weights went
+        non-finite since the last check; otherwise the steps so far are checked."""
+        step, first = self.state.global_step, self.checked_step + 1
+        if not any(flags):
+            self.checked_step = step
+            return
+        latest = self.checkpointer.latest
+        kept = f"newest checkpoint: {latest}" if latest else "no checkpoint was written"
+        epoch, lr = (step - 1) // self.steps_per_epoch + 1, self.optimizer.param_groups[0]["lr"]
+        raise faults.Diverged(
+            f"the {'train loss' if flags[0] else 'weights'} became NaN or inf in steps {first}-{step} "
+            f"(epoch {epoch}, lr {lr:.3g}); every rank stopped and nothing after step {first - 1} was "
+            f"saved ({kept}): lower --max-lr or --lr (exit code {faults.DIVERGED_EXIT})"
+        )
+
+    def check_finite(self) -> None:
+        """Before an epoch's record and before every checkpoint: diverged weights are never saved."""
+        self.stop_if_diverged(self.nonfinite().tolist())
+
     def evaluate(self, split: str, want_predictions: bool = False) -> dict[str, Any]:
         """The evaluated weights (EMA or live), the same on every rank, on a whole split."""
         dist.sync_from_rank0(self.eval_net, self.accelerator)
@@ -293,16 +329,12 @@ class Trainer:
         val = self.evaluate("val", want_predictions=True)
         test = self.evaluate("test")
         summary = self.summary(val, test)
-        if self.accelerator.is_main_process:
-            save_weights(self.eval_net, self.run_dir / runfiles.WEIGHTS_FILE)
-        self.tracker.finish(
-            summary,
-            {
-                "val_predictions": val.get("predictions"),
-                "val_labels": self.splits["val"].labels.cpu(),
-                "val_images": self.splits["val"].images,  # the tracker copies only the misclassified ones
-            },
-        )
+        artifacts = {
+            "val_predictions": val.get("predictions"),
+            "val_labels": self.splits["val"].labels.cpu(),
+            "val_images": self.splits["val"].images,  # the tracker copies only the misclassified ones
+        }
+        dist.agree(self.accelerator, lambda: self._write_final(summary, artifacts))
         self.tracker.print(
             f"done: val {100 * summary['val_acc']:.2f}%  test {100 * summary['test_acc']:.2f}%  "
             f"({summary['wall_seconds']:.1f} s, {summary['train_images_per_second']:,.0f} train img/s) "
@@ -312,6 +344,19 @@ class Trainer:
             hook.on_finish(self, summary)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _write_final(self, summary: dict[str, Any], artifacts: dict[str, Any]) -> None:
+        """Main process: the weights, then summary.json and the pictures. A failed write stops every
+        rank (through ``agree``) with WriteFailed; the last checkpoint holds the finished training."""
+        then = (
+            f"the last checkpoint, {self.checkpointer.latest}, is intact: fix that, then run the same "
+            "command with --resume auto to write the final files"
+        )
+        weights = self.run_dir / runfiles.WEIGHTS_FILE
+        with faults.writing(weights, then):
+            save_weights(self.eval_net, weights)
+        with faults.writing(self.run_dir, then):
+            self.tracker.finish(summary, artifacts)
 
     def summary(self, val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
