@@ -62,13 +62,16 @@ def kill_marked(marker: str) -> None:
 
 
 @contextmanager
-def started(cmd: list[str], tmp: Path, log: Path, **env_extra: str) -> Iterator[subprocess.Popen]:
+def started(
+    cmd: list[str], tmp: Path, log: Path, environment: dict[str, str] | None = None, **env_extra: str
+) -> Iterator[subprocess.Popen]:
     """Run cmd in its own session with TMPDIR inside ``tmp`` (which marks every process it starts);
-    on the way out kill whatever of it is still alive, workers included."""
+    on the way out kill whatever of it is still alive, workers included. ``environment`` replaces
+    the clean environment (its TMPDIR is still set to the marker)."""
     (tmp / "tmp").mkdir(exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            cmd, cwd=tmp, env=clean_env(TMPDIR=str(tmp / "tmp"), **env_extra),
+            cmd, cwd=tmp, env={**(environment or clean_env(**env_extra)), "TMPDIR": str(tmp / "tmp")},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:

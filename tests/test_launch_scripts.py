@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ import pytest
 from mnist_dist import data as D
 from mnist_dist.config import default_data_dir
 
-from .helpers import free_port, kill_marked
+from .helpers import free_port, started
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch" / name for name in ("train.sh", "slurm.sbatch", "slurm_multinode.sbatch")]
@@ -115,24 +115,11 @@ def slurm_env(tmp: Path, nodes: int) -> dict[str, str]:
 
 @contextmanager
 def submitted(script: Path, tmp: Path, nodes: int, log: Path) -> Iterator[subprocess.Popen]:
-    """`bash script` as SLURM's batch shell; afterwards, kill whatever of the job is still alive."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["bash", str(script), "--output-dir", str(tmp / "runs"), *TINY],
-            cwd=tmp,
-            env=slurm_env(tmp, nodes),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            kill_marked(str(tmp / "tmp"))  # srun's tasks and torch's workers run in groups of their own
+    """`bash script` as SLURM's batch shell; afterwards, kill whatever of the job is still alive
+    (srun's tasks and torch's workers run in groups of their own: `started` finds them)."""
+    cmd = ["bash", str(script), "--output-dir", str(tmp / "runs"), *TINY]
+    with started(cmd, tmp, log, environment=slurm_env(tmp, nodes)) as proc:
+        yield proc
 
 
 def wait_for(path: Path, proc: subprocess.Popen, log: Path) -> None:
