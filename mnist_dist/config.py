@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +169,8 @@ class TrainConfig:
         """Refuse every value that cannot work, before any work starts (and before any rank does)."""
         self._validate_counts(world_size)
         self._validate_ranges()
+        self._validate_values()
+        self._validate_rates(world_size)
         _choice(self.preset, tuple(PRESETS), "--preset")
         _choice(self.model, tuple(MODELS), "--model")
         _choice(self.precision, PRECISIONS, "--precision")
@@ -208,7 +212,7 @@ class TrainConfig:
         for name in ("lr", "max_lr", "div_factor", "final_div_factor"):
             value = getattr(self, name)
             if not value > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+                raise ConfigError(f"{_flag(name)} must be > 0, got {value}")
         if not 0 < self.pct_start < 1:
             raise ConfigError(f"--pct-start must be strictly between 0 and 1, got {self.pct_start}")
         if not 0 <= self.weight_decay < 1:
@@ -226,6 +230,38 @@ class TrainConfig:
         if not 0 <= self.scale < 1:
             raise ConfigError(f"--scale must be in [0, 1), got {self.scale}")
 
+    def _validate_values(self) -> None:
+        """Values the libraries underneath can take, for every field: torch overflows (or segfaults)
+        on sizes and thread counts past 32 bits, numpy seeds only from [0, 2**32), no rate is
+        infinite, and no path or name holds what the OS refuses."""
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), _flag(f.name)
+            if f.name in _SEEDS and not 0 <= value <= _SEED_MAX:
+                raise ConfigError(f"{flag} must be in [0, {_SEED_MAX}], got {value}")
+            if type(value) is int and f.name not in _SEEDS and value > _INT_MAX:
+                raise ConfigError(f"{flag} must be at most {_INT_MAX}, got {value}")
+            if type(value) is float and not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
+            if isinstance(value, str) and not _os_text(value):
+                raise ConfigError(
+                    f"{flag} must be text the OS can take (no NUL, no unpaired surrogate), got {value!r}"
+                )
+
+    def _validate_rates(self, world_size: int) -> None:
+        """Torch steps with float32 learning rates: none the schedule reaches (its peak, start and
+        end) may be past float32's largest value, or the first step fails."""
+        peak = self.max_lr * self.lr_scale(world_size)
+        start = peak / self.div_factor
+        for flag, rate in (
+            ("--max-lr", peak),
+            ("--div-factor", start),
+            ("--final-div-factor", start / self.final_div_factor),
+        ):
+            if rate > _FLOAT32_MAX:
+                raise ConfigError(
+                    f"{flag} makes a learning rate of {rate:.3g}, more than a float32 holds ({_FLOAT32_MAX:.3g})"
+                )
+
     def _validate_hardware(self, world_size: int, cuda: bool) -> None:
         if self.precision == "fp16" and not cuda:
             raise ConfigError("--precision fp16 needs a GPU (on a CPU it silently runs fp32); use bf16 or no")
@@ -236,14 +272,19 @@ class TrainConfig:
             )
 
     def _validate_paths(self) -> None:
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+        if self.data_dir is not None and not _is_dir(self.data_dir):
             raise ConfigError(f"--data-dir {self.data_dir!r} does not exist or is not a directory")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
-        if self.resume is not None and self.resume != "auto" and not Path(self.resume).exists():
-            raise ConfigError(
-                f"--resume must be 'auto' or an existing checkpoint folder, got {self.resume!r}"
-            )
+        if self.resume is not None and self.resume != "auto":
+            from mnist_dist.checkpoint_format import CheckpointError, verify  # accelerate: when resuming only
+
+            try:  # here, not after the run folder is made: a refused run leaves no folder behind
+                verify(Path(self.resume))
+            except CheckpointError as e:
+                raise ConfigError(f"--resume must be 'auto' or a complete checkpoint folder: {e}") from None
+            except OSError as e:  # a path the OS cannot look up (a name too long)
+                raise ConfigError(f"--resume {self.resume!r} cannot be read: {e.strerror}") from None
 
     def _validate_plan(self, world_size: int) -> None:
         """The step plan itself: every rank needs a sample in every step, and the schedule a warm-up
@@ -260,6 +301,33 @@ class TrainConfig:
                 f"--pct-start {self.pct_start} of {total} steps is a one-step warm-up, which "
                 "OneCycleLR cannot schedule; change --pct-start, --epochs or --max-train-samples"
             )
+
+
+_INT_MAX = 2**31 - 1  # torch's thread count is a 32-bit int; sizes stay far from its 64-bit overflow
+_SEED_MAX = 2**32 - 1  # numpy's largest seed (accelerate's set_seed seeds numpy too)
+_SEEDS = ("seed", "split_seed")
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _os_text(value: str) -> bool:
+    """Whether the OS can take ``value`` in a path: no NUL byte, and encodable to its bytes."""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder; False for one the OS cannot even look up (a name too long)."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
 
 
 def _positive(value: int, flag: str) -> None:
@@ -308,8 +376,8 @@ def _convert(value: Any, hint: Any) -> Any:
         return _UNFIT if any(i is _UNFIT for i in items) else items
     if isinstance(value, bool) and hint is not bool:
         return _UNFIT
-    if hint is float and isinstance(value, int):
-        return float(value)
+    if hint is float and isinstance(value, int):  # past a float's range: inf, which validate refuses
+        return float(value) if abs(value) <= sys.float_info.max else math.inf * (1 if value > 0 else -1)
     if hint in _NAMES:
         return value if isinstance(value, hint) else _UNFIT
     return hint(value) if isinstance(value, str) and isinstance(hint, type) else _UNFIT
@@ -332,10 +400,14 @@ def read_config_file(path: Path) -> TrainConfig:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"--config {str(path)!r}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an int of more digits than Python converts; deep nesting
+        raise ConfigError(f"{path}: not a config JSON ({str(e).split(';')[0]})") from None
     return TrainConfig.from_dict(data, source=str(path))
 
 
@@ -348,7 +420,11 @@ def run_dir_taken(run_dir: Path) -> ConfigError:
 
 def check_run_dir_free(run_dir: Path, resume: str | None) -> None:
     """A new run needs a folder of its own; a resumed one continues in its existing folder."""
-    if resume is None and Path(run_dir).exists():
+    try:
+        taken = Path(run_dir).exists()
+    except OSError as e:  # a path the OS cannot look up (a name too long)
+        raise ConfigError(f"cannot use the run folder {run_dir}: {e.strerror}") from None
+    if resume is None and taken:
         raise run_dir_taken(run_dir)
 
 

@@ -7,8 +7,6 @@ model the harness trains: the name comes from the run's config.json, else from t
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -31,22 +29,22 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """safetensors, or a plain PyTorch state dict read with weights_only=True (no pickle code runs),
     with the keys our modules use: wrapper prefixes stripped, the reference's bare layout renamed."""
     path = Path(path)
+    # Neither reader runs code, but a malformed file makes them raise whatever they trip on: torch's
+    # TypeError for a declared shape past 64 bits, the unpickler's IndexError or KeyError, ...
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
+        except Exception as e:
+            raise WeightsError(f"{path} is not a readable safetensors file: {_first_line(e)}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:
             raise WeightsError(
                 f"{path} is not a plain PyTorch state dict that loads without running code "
-                f"(weights_only=True refused it: {first})"
+                f"(weights_only=True refused it: {_first_line(e)})"
             ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors")
@@ -55,6 +53,12 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if old in state and new not in state:
             state[new] = state.pop(old)
     return state
+
+
+def _first_line(error: Exception) -> str:
+    """The error's first line (torch appends its C++ stack), or its type when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _strip(key: str) -> str:
@@ -84,7 +88,11 @@ def load_model(path: Path, model: str | None = None) -> tuple[Net, str]:
     weights = path / runfiles.WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         where = (
-            f"run folder {path} has no {runfiles.WEIGHTS_FILE}" if path.is_dir() else f"{path} does not exist"
+            f"run folder {path} has no {runfiles.WEIGHTS_FILE}"
+            if path.is_dir()
+            else f"{path} is not a regular file (a device or a pipe)"
+            if path.exists()
+            else f"{path} does not exist"
         )
         raise WeightsError(where)
     state = load_state_dict(weights)
