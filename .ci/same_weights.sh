@@ -4,6 +4,9 @@
 #
 #   .ci/same_weights.sh BEFORE_REV [AFTER_REV]      (AFTER_REV: the working tree)
 #
+# TRAIN_ARGS adds options to both runs, e.g. TRAIN_ARGS="--no-compile --no-channels-last" holds a tree
+# whose CPU speed defaults changed to the eager path the older one ran.
+#
 # Needs MNIST ($MNIST_DATA_DIR) and the project's environment active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,7 @@ fi
 run() {  # run REPO PRESET OUT: print the sha256 of the run's weights
     (cd "$1" && PYTHONPATH="$1" WANDB_MODE=disabled python -m mnist_dist.train --preset "$2" \
         --max-train-samples 4096 --epochs 2 --threads 2 --seed 1 --output-dir "$3" --name "$2" \
-        >"$3-$2.log" 2>&1) || { echo "the $2 run in $1 failed: $3-$2.log" >&2; exit 1; }
+        ${TRAIN_ARGS:-} >"$3-$2.log" 2>&1) || { echo "the $2 run in $1 failed: $3-$2.log" >&2; exit 1; }
     sha256sum <"$3/$2/model.safetensors" | cut -d' ' -f1
 }
 status=0

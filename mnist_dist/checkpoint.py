@@ -36,6 +36,7 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.distributed import agree, restart_seed
 from mnist_dist.faults import WriteFailed, raise_first, writing
 from mnist_dist.files import fsync_paths, write_json_atomic
+from mnist_dist.optim import OneCycle
 from mnist_dist.state import TrainState
 from mnist_dist.weights import WeightsError, load_state_dict
 
@@ -57,7 +58,7 @@ class Checkpointer:
         *,
         net: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scheduler: OneCycle,
         ema: torch.nn.Module | None,
         aug_gen: torch.Generator,
         steps_per_epoch: int,

@@ -29,6 +29,22 @@ INTERPOLATIONS = ("nearest", "bilinear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
+@dataclass(frozen=True)
+class Speed:
+    """Settings that change how fast a step runs, not what it computes (beyond float rounding)."""
+
+    compile: bool = False
+    channels_last: bool = False
+
+
+# The whole training loop's fastest settings on a CPU, per model, as measured (docs/benchmarks.md);
+# a model left out runs eager. GPUs run eager until they are measured.
+CPU_SPEED = {
+    "net": Speed(channels_last=True),
+    "net_wider": Speed(compile=True, channels_last=True),
+}
+
+
 class ConfigError(ValueError):
     """A value the user gave that cannot work; the message names it and what is allowed."""
 
@@ -99,9 +115,17 @@ class TrainConfig:
     output_dir: str = _opt("runs", "Folder that holds run folders.", "Run")
     name: str | None = _opt(None, "Run folder name (default: <preset>-<timestamp>).", "Run")
     precision: str = _opt("no", "Mixed precision: no, bf16 or fp16 (GPU only).", "Speed")
-    compile: bool = _opt(False, "torch.compile the model.", "Speed")
-    channels_last: bool = _opt(False, "channels_last memory format.", "Speed")
+    compile: bool | None = _opt(
+        None,
+        "torch.compile the model, and step a fused Adam whose LR and beta1 are tensors changed in place. "
+        "Default: what measured fastest for the model and device (on a CPU: on for net_wider).",
+        "Speed",
+    )
+    channels_last: bool | None = _opt(
+        None, "channels_last memory format. Default: what measured fastest (on a CPU: on).", "Speed"
+    )
     threads: int | None = _opt(None, "CPU threads per process (default: cores / local processes).", "Speed")
+    cpu: bool = _opt(False, "Train on the CPU even where a GPU (CUDA, or Apple's MPS) is present.", "Speed")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (GPUs only).", "Distributed")
     log_every: int = _opt(50, "Log train loss and LR every N optimizer steps.", "Tracking")
     wandb: str = _opt("auto", "wandb mode: auto, online, offline or disabled.", "Tracking")
@@ -126,6 +150,14 @@ class TrainConfig:
     deterministic: bool = _opt(False, "Deterministic algorithms (bit-exact resume on CPU).", "Run")
 
     # ------------------------------------------------------------------ helpers
+    def speed(self, device_type: str) -> Speed:
+        """The speed settings a run on this device type uses: those given, else the measured best."""
+        best = CPU_SPEED.get(self.model, Speed()) if device_type == "cpu" else Speed()
+        return Speed(
+            compile=best.compile if self.compile is None else self.compile,
+            channels_last=best.channels_last if self.channels_last is None else self.channels_last,
+        )
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 

@@ -112,9 +112,20 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=cuda)
 
 
+def use_cpu(forced: bool, cuda: bool | None = None, mps: bool | None = None) -> bool:
+    """Accelerate's ``cpu`` flag: a CUDA GPU, else Apple's MPS (Accelerate's own choice when neither
+    is forced off), else the CPU. Also True on a CPU-only machine: otherwise gloo ranks started by a
+    GPU launcher each believe they are alone. ``cuda``/``mps``: what is present (default: ask torch)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    mps = torch.backends.mps.is_available() if mps is None else mps
+    return forced or not (cuda or mps)
+
+
 def local_device() -> torch.device:
-    """Where a single-process command (evaluate, predict, bench) computes: the GPU if there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where a single-process command (evaluate, predict, bench) computes: where training would."""
+    if use_cpu(False):
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "mps")
 
 
 def device_name(device: torch.device) -> str:

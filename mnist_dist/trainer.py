@@ -15,6 +15,7 @@ outside through ``Hooks`` instead of branches inside the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -57,10 +58,10 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """cpu=True without a GPU: otherwise gloo ranks started by a GPU launcher each believe they are
-    alone. wandb (when on) is started later by the main process's tracker, with dir=<run folder>."""
+    """On the device ``distributed.use_cpu`` picks. wandb (when on) is started later by the main
+    process's tracker, with dir=<run folder>."""
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=dist.use_cpu(cfg.cpu),
         mixed_precision=cfg.precision,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
         log_with=wandb_log_with(cfg),
@@ -74,6 +75,7 @@ class Trainer:
         self.cfg, self.hooks = cfg, list(hooks)
         self.accelerator = acc = make_accelerator(cfg)
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.speed = cfg.speed(self.device.type)
         cfg.validate(world_size=self.world, cuda=self.device.type == "cuda")
         dist.check_world_size(acc)
         self.threads = dist.set_threads(cfg.threads, acc)
@@ -123,13 +125,22 @@ class Trainer:
         net = build_model(cfg.model).to(self.device)
         if cfg.sync_bn and self.world > 1:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        if cfg.channels_last:
+        if self.speed.channels_last:
             net = net.to(memory_format=torch.channels_last)
         lr_scale = cfg.lr_scale(self.world)
-        optimizer = build_optimizer(cfg, net.parameters(), lr_scale)
+        optimizer = build_optimizer(cfg, net.parameters(), lr_scale, tensor_hparams=self.speed.compile)
         self.scheduler = build_schedule(cfg, optimizer, self.total_steps, lr_scale)
         # Compile the bare module, then let Accelerate wrap it: Dynamo tracing DDP's internals fails.
-        self.model = acc.prepare_model(torch.compile(net) if cfg.compile else net)
+        # Static shapes: the short last batch gets a graph of its own, so a step's arithmetic does not
+        # depend on which shapes came first (a resumed run compiles in another order). Dropout draws
+        # from torch's generator as in eager mode (not inductor's own), so compiling changes rounding,
+        # not the random masks.
+        model = (
+            torch.compile(net, dynamic=False, options={"fallback_random": True})
+            if self.speed.compile
+            else net
+        )
+        self.model = acc.prepare_model(model)
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.stepper = optimizer_stepper(self.optimizer, acc)
         self.net = net
@@ -152,7 +163,8 @@ class Trainer:
         cfg, say = self.cfg, self.tracker.print
         say(
             f"mnist-dist: {cfg.preset} preset, {self.world} process(es) on {self.device} ({self.threads} "
-            f"threads each), precision {cfg.precision}, {len(self.splits['train']):,} train samples, batch "
+            f"threads each), precision {cfg.precision}, compile {self.speed.compile}, channels_last "
+            f"{self.speed.channels_last}, {len(self.splits['train']):,} train samples, batch "
             f"{self.batch_size}/process, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
             f"run folder {self.run_dir}"
         )
@@ -174,7 +186,7 @@ class Trainer:
             cfg.interpolation,
             cfg.elastic,
         )
-        if cfg.channels_last:
+        if self.speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, train.labels[idx]
 
@@ -276,7 +288,7 @@ class Trainer:
             # CPU seconds of this process (all threads; since the resume in a resumed epoch): unlike
             # wall time, not inflated by other work sharing the machine.
             "epoch_cpu_seconds": cpu_seconds,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.scheduler.get_last_lr()[0],
         }
         state.history.append(record)
         state.train_seconds += seconds
@@ -305,7 +317,7 @@ class Trainer:
             return
         latest = self.checkpointer.latest
         kept = f"newest checkpoint: {latest}" if latest else "no checkpoint was written"
-        epoch, lr = (step - 1) // self.steps_per_epoch + 1, self.optimizer.param_groups[0]["lr"]
+        epoch, lr = (step - 1) // self.steps_per_epoch + 1, self.scheduler.get_last_lr()[0]
         raise faults.Diverged(
             f"the {'train loss' if flags[0] else 'weights'} became NaN or inf in steps {first}-{step} "
             f"(epoch {epoch}, lr {lr:.3g}); every rank stopped and nothing after step {first - 1} was "
@@ -372,6 +384,7 @@ class Trainer:
             "steps": self.total_steps,
             "world_size": self.world,
             "precision": cfg.precision,
+            **dataclasses.asdict(self.speed),
             "device": dist.device_name(self.device),
             "threads_per_process": self.threads,
             "seed": cfg.seed,

@@ -96,7 +96,7 @@ REFUSED = [
     ({"epochs": True}, "config.json: 'epochs' must be an int, got true"),
     ({"epochs": None}, "config.json: 'epochs' must be an int, got null"),
     ({"lr": False}, "config.json: 'lr' must be a number, got false"),
-    ({"compile": 1}, "config.json: 'compile' must be true or false, got 1"),
+    ({"compile": 1}, "config.json: 'compile' must be true or false or null, got 1"),
     ({"threads": "2"}, "config.json: 'threads' must be an int or null, got \"2\""),
     ({"name": 7}, "config.json: 'name' must be a string or null, got 7"),
     ({"preset": "best"}, "config.json: 'preset' must be one of reference, default; got \"best\""),
@@ -196,7 +196,7 @@ def test_config_file_is_the_base_and_options_override_it(tmp_path: Path) -> None
 
 
 def test_print_config_without_a_file_prints_the_preset_with_options(tmp_path: Path) -> None:
-    printed = _printed(["train", "--preset", "reference", "--no-compile", "--lr", "0.001", "--print-config"])
+    printed = _printed(["train", "--preset", "reference", "--lr", "0.001", "--print-config"])
     assert TrainConfig.from_dict(printed) == reference().replace(lr=1e-3)
 
 

@@ -215,7 +215,7 @@ class Poison(T.Hooks):
             weight = next(trainer.net.parameters())
             target = trainer.optimizer.state[weight]["exp_avg"] if self.optimizer else weight
             with torch.no_grad():
-                target.view(-1)[0] = self.value
+                target[(0,) * target.dim()] = self.value  # any memory format
 
 
 @pytest.mark.parametrize(
