@@ -1,20 +1,24 @@
 """``mnist-dist bench``: how fast the training loop runs, against its ceiling and the conventional pipeline.
 
-    mnist-dist bench [--preset reference] [--precision bf16] [--compile] [--channels-last] [--json bench.json]
+    mnist-dist bench [--preset reference] [--precision bf16] [--workers 0,1,2] [--profile 20] [--json bench.json]
 
-Three measurements of the same model step (Net, same optimizer, batch, precision and speed options), taken
-in one process and interleaved round by round, so a machine whose speed drifts moves all three alike:
+Measurements of the same model (same optimizer, batch and precision), taken in one process and
+interleaved round by round, so a machine whose speed drifts moves all of them alike:
 
 - loop: the real ``mnist_dist.trainer.train`` on a slice of the training split, in a temporary run folder.
   Its first epoch is warm-up (and compilation); images/s come from the later epochs' own timings
   (``metrics.jsonl``), which leave out evaluation.
 - bare: forward, backward and optimizer step over batches gathered and augmented in advance on the
-  device — no sampling, augmentation, scheduler or bookkeeping. The ceiling the loop is held against.
-- conventional: torchvision's MNIST dataset, a DataLoader with workers, PIL ``RandomRotation((-7, 7),
-  fill=(0,))``, ``ToTensor`` and ``Normalize``, feeding the same model step. The baseline to beat.
+  device — no sampling, augmentation, scheduler or bookkeeping. The ceiling the loop is held against,
+  timed in each variant of ``BARE_VARIANTS`` (eager, channels_last, torch.compile, both); the loop's
+  ratio is to the fastest.
+- conventional: torchvision's MNIST dataset, a DataLoader, PIL ``RandomRotation((-7, 7), fill=(0,))``,
+  ``ToTensor`` and ``Normalize``, feeding the loop's model step; timed with each DataLoader worker count
+  asked for (workers compete with the training threads for the cores), the fastest is the baseline.
 
 On a GPU every interval is measured with CUDA events around the queued work (the loop's epochs are
 bracketed by ``torch.cuda.synchronize`` in the trainer). Warm-up is timed and reported apart.
+``ProfileSteps`` traces steps of the real loop with ``torch.profiler`` (``--profile`` of bench and train).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from mnist_dist import data as D
-from mnist_dist.config import TrainConfig, default_data_dir, reference
+from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, reference
 from mnist_dist.files import write_text_atomic
 from mnist_dist.model import build_model
+from mnist_dist.trainer import Hooks, Trainer, train
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 Chunk = tuple[float, float | None, int]  # wall seconds, CPU seconds (None: not known), images
@@ -52,6 +58,16 @@ STEP_FIELDS = (
     "rotate", "translate", "scale", "interpolation", "elastic", "ema",
 )  # fmt: skip
 OPTION_FIELDS = (*STEP_FIELDS, "threads", "data_dir")
+# The bare step's variants: config fields set on top of the recipe, so a new speed field of TrainConfig
+# is a new variant here. The loop's "vs bare" is against the fastest of those timed.
+BARE_VARIANTS: dict[str, dict[str, Any]] = {
+    "eager": {"compile": False, "channels_last": False},
+    "channels_last": {"compile": False, "channels_last": True},
+    "compile": {"compile": True, "channels_last": False},
+    "compile+channels_last": {"compile": True, "channels_last": True},
+}
+GROUPS = ("bare", "conventional")  # measured in variants; each group's fastest is the one compared
+PROFILE_SKIP = 10  # untraced steps before a profile (compilation, allocator and cache warm-up)
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,21 @@ class BenchOptions:
     steps: int | None = None  # timed steps of bare and conventional (default: the loop's timed steps)
     warmup_steps: int = 10
     rounds: int = 3
-    workers: int | None = None  # conventional DataLoader workers (default: min(4, cores))
+    workers: tuple[int, ...] = (0, 1, 2)  # conventional DataLoader worker counts, each timed
+    bare: tuple[str, ...] = tuple(BARE_VARIANTS)  # bare-step variants timed
     conventional: bool = True
+
+    def __post_init__(self) -> None:
+        _listed(
+            self.workers, "--workers", lambda w: isinstance(w, int) and w >= 0, "integers >= 0 like 0,1,2"
+        )
+        _listed(self.bare, "--bare", BARE_VARIANTS.__contains__, f"names from {', '.join(BARE_VARIANTS)}")
+
+    def kinds(self) -> list[str]:
+        """The measurements of one round, the loop first (its warm-up is then a cold start's)."""
+        bare = [f"bare:{name}" for name in self.bare]
+        conventional = [f"conventional:{w}_workers" for w in self.workers] if self.conventional else []
+        return ["loop", *bare, *conventional]
 
     def train_config(self, output_dir: str, name: str) -> TrainConfig:
         """The config the loop runs with; bare and conventional read their options from it too."""
@@ -83,6 +112,20 @@ class BenchOptions:
         """The options as the JSON reports them: the recipe's preset and options, then bench's own."""
         own = {k: v for k, v in asdict(self).items() if k != "recipe"}
         return {"preset": self.recipe.preset, **{k: getattr(self.recipe, k) for k in OPTION_FIELDS}, **own}
+
+
+def _listed(values: tuple[Any, ...], flag: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    if not values or len(set(values)) != len(values) or not all(ok(v) for v in values):
+        shown = ",".join(map(str, values))
+        raise ConfigError(f"{flag} must list {allowed}, each once; got {shown!r}")
+
+
+def parse_list(text: str, flag: str, kind: type = str) -> tuple[Any, ...]:
+    """A comma-separated option's values (``--workers 0,1,2``), refused by name if one is not a ``kind``."""
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated {kind.__name__}s; got {text!r}") from None
 
 
 # ---------------------------------------------------------------------- timing
@@ -112,7 +155,7 @@ def model_step(cfg: TrainConfig, device: torch.device) -> Step:
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if cfg.compile else net
     model.train()
-    optimizer = build_optimizer(cfg, net.parameters(), 1.0)
+    optimizer = build_optimizer(cfg, net.parameters(), 1.0, tensor_hparams=bool(cfg.compile))  # as the loop's
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
 
@@ -181,19 +224,22 @@ def bench_bare(cfg: TrainConfig, split: D.DeviceSplit, steps: int, chunk: int, w
     return summarize([(*timed(run(c), device), sum(len(y) for _, y in c)) for c in chunks], warmup_seconds)
 
 
-def bench_loop(opts: BenchOptions, out_dir: Path, name: str) -> dict[str, Any]:
-    """The real training loop: ``train`` itself on the slice; epoch 1 is warm-up, the rest are timed."""
-    from mnist_dist.runfiles import read_metrics
-    from mnist_dist.trainer import train
-
-    cfg = opts.train_config(str(out_dir), name)
+def quiet_train(cfg: TrainConfig, hooks: list[Hooks] | None = None) -> dict[str, Any]:
+    """``train`` with its output held back (shown only if it fails), so bench prints its own lines."""
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            summary = train(cfg)
+            return train(cfg, hooks=hooks or [])
     except BaseException:
         sys.stderr.write(log.getvalue())
         raise
+
+
+def bench_loop(opts: BenchOptions, out_dir: Path, name: str) -> dict[str, Any]:
+    """The real training loop: ``train`` itself on the slice; epoch 1 is warm-up, the rest are timed."""
+    from mnist_dist.runfiles import read_metrics
+
+    summary = quiet_train(opts.train_config(str(out_dir), name))
     epochs = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("kind") == "epoch"]
     chunks = [
         (r["epoch_seconds"], r["epoch_cpu_seconds"], round(r["images_per_second"] * r["epoch_seconds"]))
@@ -202,6 +248,72 @@ def bench_loop(opts: BenchOptions, out_dir: Path, name: str) -> dict[str, Any]:
     steady = statistics.median(c[0] for c in chunks[1:])
     # Warm-up: what the first epoch costs beyond a steady one (start-up, autotuning, compilation).
     return summarize(chunks[1:], max(0.0, chunks[0][0] - steady), val_acc=summary["val_acc"])
+
+
+class ProfileSteps(Hooks):
+    """Traces ``steps`` optimizer steps of the real loop with ``torch.profiler``, after PROFILE_SKIP
+    untraced ones, into ``<run>/profile/loop.pt.trace.json``: a Chrome trace (Perfetto,
+    chrome://tracing) that TensorBoard's profiler plugin reads from the run folder too.
+
+    ``on_step`` comes before each step, so it closes the previous step's span (``profiler.step()``);
+    the last traced step is closed by the next step's call, or by ``on_finish`` in a run that ends
+    first (whose last span then includes the final evaluation)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.first = steps, PROFILE_SKIP + 1
+        self.profiler: torch.profiler.profile | None = None
+        self.path: Path | None = None  # set once the trace is written
+
+    @staticmethod
+    def steps_needed(steps: int) -> int:
+        """Steps a run must have for ``steps`` traced ones, closed at a step boundary."""
+        return PROFILE_SKIP + steps + 1
+
+    def on_step(self, trainer: Trainer, micro_batches: list[torch.Tensor]) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if trainer.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        else:  # Kineto's failed GPU probe would print an alarming but meaningless error line
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        target = trainer.run_dir / "profile" / "loop.pt.trace.json"
+
+        def write(prof: torch.profiler.profile) -> None:
+            if trainer.accelerator.is_main_process:
+                target.parent.mkdir(exist_ok=True)
+                prof.export_chrome_trace(str(target))
+                self.path = target
+
+        # Profiler step k spans optimizer step k + 1: wait covers the skipped steps but the last,
+        # which is the profiler's own warm-up.
+        when = torch.profiler.schedule(wait=PROFILE_SKIP - 1, warmup=1, active=self.steps, repeat=1)
+        self.profiler = torch.profiler.profile(activities=activities, schedule=when, on_trace_ready=write)
+        self.profiler.start()
+
+    def on_finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if self.profiler is not None and self.path is None:
+            self.profiler.stop()
+
+    def traced(self) -> str:
+        """Which steps the trace holds, for the line that names the file."""
+        return f"optimizer steps {self.first}-{self.first + self.steps - 1}"
+
+
+def profile_loop(opts: BenchOptions, steps: int, out: Path) -> Path:
+    """``steps`` steps of the loop bench times (same recipe and slice, enough epochs), traced apart
+    from the timed rounds (the profiler slows what it watches); the trace is copied to ``out``."""
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-profile-") as tmp:
+        cfg = opts.train_config(tmp, "profile")
+        epochs = -(-ProfileSteps.steps_needed(steps) // cfg.steps_per_epoch(1))
+        hook = ProfileSteps(steps)
+        quiet_train(cfg.replace(epochs=max(cfg.epochs, epochs)), [hook])
+        if hook.path is None:
+            raise RuntimeError("the profiler wrote no trace")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(hook.path, out)
+    return out
 
 
 @contextlib.contextmanager
@@ -283,17 +395,23 @@ def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
         split = D.device_splits(D.load_mnist(data_root), cfg.split_seed, device, cfg.max_train_samples)[
             "train"
         ]
+        # The loop's own speed settings (a preset may leave them to the device's measured best): the
+        # conventional pipeline steps the same way, the bare variants change them.
+        cfg = cfg.replace(**asdict(cfg.speed(device.type)))
         steps_per_epoch = -(-len(split) // cfg.batch_size)
         steps = opts.steps or opts.epochs * steps_per_epoch
-        workers = opts.workers if opts.workers is not None else min(4, os.cpu_count() or 1)
         with torchvision_root(data_root) as tv_root:
 
             def measure(kind: str, r: int) -> dict[str, Any]:
+                torch._dynamo.reset()  # each compiled measurement compiles afresh, under the same limits
                 if kind == "loop":
                     return bench_loop(opts, Path(tmp), f"loop-{r}")
                 torch.set_num_threads(cfg.threads or 1)  # what the trainer sets for itself
-                if kind == "bare":
-                    return bench_bare(cfg, split, steps, steps_per_epoch, opts.warmup_steps)
+                group, variant = kind.split(":")
+                if group == "bare":
+                    variant_cfg = cfg.replace(**BARE_VARIANTS[variant])
+                    return bench_bare(variant_cfg, split, steps, steps_per_epoch, opts.warmup_steps)
+                workers = int(variant.removesuffix("_workers"))
                 return bench_conventional(
                     cfg, tv_root, device, steps, steps_per_epoch, opts.warmup_steps, workers
                 )
@@ -308,8 +426,9 @@ def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
         "torchvision": _version("torchvision"),
         "accelerate": _version("accelerate"),
         "python": platform.python_version(),
-        "options": {**opts.record(), "workers": workers, "steps": steps},
+        "options": {**opts.record(), "steps": steps},
         "config": {k: getattr(cfg, k) for k in ("preset", *STEP_FIELDS)},
+        "bare_variants": {name: BARE_VARIANTS[name] for name in opts.bare},
         "threads": cfg.threads,
         "train_samples": len(split),
         "steps_per_epoch": steps_per_epoch,
@@ -320,10 +439,9 @@ def run_bench(opts: BenchOptions, command: str | None = None) -> dict[str, Any]:
 def _interleaved(opts: BenchOptions, measure: Callable[[str, int], dict[str, Any]]) -> Rounds:
     """Every measurement once per round, the loop first, so its warm-up is a cold start's
     (compilation included) and a machine whose speed drifts moves all of them alike."""
-    kinds = ["loop", "bare"] + (["conventional"] if opts.conventional else [])
-    rounds: Rounds = {k: [] for k in kinds}
+    rounds: Rounds = {k: [] for k in opts.kinds()}
     for r in range(opts.rounds):
-        for kind in kinds:
+        for kind in rounds:
             rounds[kind].append(res := measure(kind, r))
             print(
                 f"round {r + 1}/{opts.rounds} {kind}: {res['images_per_second']:,.0f} img/s "
@@ -335,7 +453,8 @@ def _interleaved(opts: BenchOptions, measure: Callable[[str, int], dict[str, Any
 
 
 def _results(rounds: Rounds, device: torch.device, recipe: TrainConfig) -> dict[str, Any]:
-    """Medians over rounds, the loop's ratios to the others, and the recipe's projected time."""
+    """Medians over rounds, each group's fastest variant, the loop's ratios to every other
+    measurement, and the recipe's projected time."""
     results = {
         kind: {
             "images_per_second": statistics.median(r["images_per_second"] for r in rs),
@@ -345,20 +464,12 @@ def _results(rounds: Rounds, device: torch.device, recipe: TrainConfig) -> dict[
         }
         for kind, rs in rounds.items()
     }
-    ratios: dict[str, Any] = {}
-    for base in [k for k in rounds if k != "loop"]:
-        paired = [lp["images_per_second"] / b["images_per_second"] for lp, b in _pairs(rounds, base)]
-        ratios[f"loop_over_{base}"] = statistics.median(paired)
-        ratios[f"loop_over_{base}_rounds"] = paired
-        ratios[f"loop_over_{base}_best"] = (
-            results["loop"]["best_images_per_second"] / results[base]["best_images_per_second"]
-        )
-    if device.type == "cpu":  # images per CPU-second: blind to time spent waiting for a core
-        paired = [
-            lp["images_per_cpu_second"] / b["images_per_cpu_second"] for lp, b in _pairs(rounds, "bare")
-        ]
-        ratios["loop_over_bare_cpu_time"] = statistics.median(paired)
-        ratios["loop_over_bare_cpu_time_rounds"] = paired
+    best = {
+        group: max(kinds, key=lambda k: results[k]["images_per_second"])
+        for group in GROUPS
+        if (kinds := [k for k in results if k.startswith(f"{group}:")])
+    }
+    ratios = {kind: _ratio(rounds, kind, results, device) for kind in results if kind != "loop"}
     images = recipe.epochs * D.N_TRAIN
     seconds = {
         kind: images / res["images_per_second"] + (res["warmup_seconds"] if kind == "loop" else 0)
@@ -366,11 +477,24 @@ def _results(rounds: Rounds, device: torch.device, recipe: TrainConfig) -> dict[
     }
     # The recipe's training time at the measured rates (the loop's plus its warm-up).
     recipe_record = {"preset": recipe.preset, "epochs": recipe.epochs, "images": images, "seconds": seconds}
-    return {"results": results, "ratios": ratios, "recipe": recipe_record}
+    return {"results": results, "best": best, "ratios": ratios, "recipe": recipe_record}
 
 
-def _pairs(rounds: Rounds, base: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    return list(zip(rounds["loop"], rounds[base], strict=True))
+def _ratio(rounds: Rounds, base: str, results: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The loop's images/s over ``base``'s: per round (each loop round paired with the base's round
+    timed next to it), their median, best epoch over best epoch, and on the CPU the same per
+    CPU-second (blind to time spent waiting for a core) where both are known."""
+    pairs = list(zip(rounds["loop"], rounds[base], strict=True))
+    paired = [lp["images_per_second"] / b["images_per_second"] for lp, b in pairs]
+    ratio: dict[str, Any] = {
+        "median": statistics.median(paired),
+        "rounds": paired,
+        "best_epochs": results["loop"]["best_images_per_second"] / results[base]["best_images_per_second"],
+    }
+    if device.type == "cpu" and all(b["images_per_cpu_second"] for _, b in pairs):
+        cpu = [lp["images_per_cpu_second"] / b["images_per_cpu_second"] for lp, b in pairs]
+        ratio |= {"cpu_time": statistics.median(cpu), "cpu_time_rounds": cpu}
+    return ratio
 
 
 def _version(package: str) -> str | None:
@@ -382,16 +506,17 @@ def _version(package: str) -> str | None:
         return None
 
 
-NAMES = {
-    "bare": "bare step (ceiling)",
-    "loop": "mnist-dist training loop",
-    "conventional": "conventional (DataLoader + PIL)",
-}
+def _name(kind: str) -> str:
+    group, _, variant = kind.partition(":")
+    if group == "loop":
+        return "mnist-dist training loop"
+    return f"bare step: {variant}" if group == "bare" else f"conventional: {variant.replace('_', ' ')}"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The human-readable report: one row per measurement, then the ratios and the recipe's projection."""
-    c, res, recipe = result["config"], result["results"], result["recipe"]
+    """The human-readable report: one row per measurement (* marks each group's fastest), then the
+    loop's ratios to the fastest of each group and to the eager bare step, and the recipe's projection."""
+    c, res, recipe, best = result["config"], result["results"], result["recipe"], result["best"]
     opts = f"precision {c['precision']}, compile {c['compile']}, channels_last {c['channels_last']}"
     rounds = result["options"]["rounds"]
     lines = [
@@ -399,37 +524,37 @@ def format_table(result: dict[str, Any]) -> str:
         f"{c['preset']} preset, batch {c['batch_size']}, {opts}; {result['train_samples']:,} train samples, "
         f"{rounds} round(s): medians, and the best epoch",
         "",
-        f"{'':<33}{'images/s':>10}{'best':>9}{'s/epoch':>9}{'warm-up s':>11}{'vs bare':>9}"
+        f"{'':<40}{'images/s':>10}{'best':>9}{'s/epoch':>9}{'warm-up s':>11}{'vs bare':>9}"
         f"{recipe['epochs']:>4} epochs",
     ]
-    bare = res["bare"]["images_per_second"]
-    for kind in (k for k in NAMES if k in res):
-        r = res[kind]
-        ips = r["images_per_second"]
+    bare = res[best["bare"]]["images_per_second"] if "bare" in best else None
+    for kind, r in res.items():
+        ips, mark = r["images_per_second"], " *" if kind in best.values() else ""
+        vs = f"{ips / bare:>9.2f}" if bare else f"{'':>9}"
         lines.append(
-            f"{NAMES[kind]:<33}{ips:>10,.0f}{r['best_images_per_second']:>9,.0f}{D.N_TRAIN / ips:>9.2f}"
-            f"{r['warmup_seconds']:>11.2f}{ips / bare:>9.2f}{recipe['seconds'][kind]:>10.1f} s"
+            f"{_name(kind) + mark:<40}{ips:>10,.0f}{r['best_images_per_second']:>9,.0f}{D.N_TRAIN / ips:>9.2f}"
+            f"{r['warmup_seconds']:>11.2f}{vs}{recipe['seconds'][kind]:>10.1f} s"
         )
     lines.append("")
-    for base in (k for k in ("bare", "conventional") if k in res):
-        ratio = result["ratios"]
-        per_round = ", ".join(f"{x:.3f}" for x in ratio[f"loop_over_{base}_rounds"])
+    compared = [(f"fastest {_name(k)}", k) for k in best.values()]
+    if "bare:eager" in res and best.get("bare") != "bare:eager":
+        compared.insert(1, ("bare step: eager", "bare:eager"))
+    for label, kind in compared:
+        ratio = result["ratios"][kind]
         lines.append(
-            f"loop / {base}: {ratio[f'loop_over_{base}']:.3f} median of rounds ({per_round}); "
-            f"best epoch / best epoch {ratio[f'loop_over_{base}_best']:.3f}"
-        )
-    if "loop_over_bare_cpu_time" in result["ratios"]:
-        ratio = result["ratios"]
-        per_round = ", ".join(f"{x:.3f}" for x in ratio["loop_over_bare_cpu_time_rounds"])
-        lines.append(
-            f"loop / bare in images per CPU-second: {ratio['loop_over_bare_cpu_time']:.3f} median of "
-            f"rounds ({per_round})"
+            f"loop / {label}: {ratio['median']:.3f} median of rounds ({_listing(ratio['rounds'])}); "
+            f"best epoch / best epoch {ratio['best_epochs']:.3f}"
+            + (f"; per CPU-second {ratio['cpu_time']:.3f}" if "cpu_time" in ratio else "")
         )
     lines.append(
         f"s/epoch: one epoch of the {D.N_TRAIN:,}-image split; {recipe['epochs']} epochs: the {recipe['preset']} "
-        "recipe's training time (the loop's warm-up included)"
+        "recipe's training time (the loop's warm-up included); vs bare: over the fastest bare step"
     )
     return "\n".join(lines)
+
+
+def _listing(values: list[float]) -> str:
+    return ", ".join(f"{x:.3f}" for x in values)
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

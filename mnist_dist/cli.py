@@ -74,7 +74,7 @@ def _global_options(
     """Train the reference Net on MNIST, the same way on a CPU, one GPU, N GPUs or a cluster."""
 
 
-LAUNCH_OPTIONS = ("processes", "nodes", "node_rank", "main_address", "main_port")
+LAUNCH_OPTIONS = ("processes", "nodes", "node_rank", "main_address", "main_port", "max_restarts")
 KW = inspect.Parameter.KEYWORD_ONLY
 
 
@@ -171,6 +171,10 @@ _LAUNCH_PARAMS = [
         "main_port", KW, default=None,
         annotation=Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port on node 0 (default: a free one; required with --nodes > 1).", rich_help_panel="Distributed")],  # noqa: UP045
     ),
+    inspect.Parameter(
+        "max_restarts", KW, default=0,
+        annotation=Annotated[int, typer.Option(min=0, help="Restart all of this node's ranks up to N times when one dies; they resume from the newest checkpoint (needs --resume auto).", rich_help_panel="Distributed")],
+    ),
 ]  # fmt: skip
 
 
@@ -230,7 +234,9 @@ def _train_config(options: dict[str, Any], config_file: Path | None, launch: dic
     """The validated config of this command, for the world it will run in."""
     world = _world_size(launch)
     try:
-        cfg = config_from_options(options, config_file).validate(world_size=world, cuda=_cuda())
+        cfg = config_from_options(options, config_file)
+        _check_restarts(launch["max_restarts"], world, cfg.resume)  # before --resume's folder is read
+        cfg = cfg.validate(world_size=world, cuda=_cuda())
         if launch["node_rank"] >= launch["nodes"]:
             raise ConfigError(f"--node-rank must be in 0..{launch['nodes'] - 1}, got {launch['node_rank']}")
         if launch["nodes"] > 1 and launch["main_port"] is None:
@@ -240,7 +246,23 @@ def _train_config(options: dict[str, Any], config_file: Path | None, launch: dic
     return cfg
 
 
-def run_train(config_file: Path | None, print_config: bool, **options: Any) -> None:
+def _check_restarts(restarts: int, world: int, resume: str | None) -> None:
+    """--max-restarts restarts launched ranks, which must continue the run rather than start it again."""
+    if not restarts:
+        return
+    if world == 1:
+        raise ConfigError(
+            f"--max-restarts {restarts} needs --processes or --nodes above 1: one process trains in this "
+            "command, with no launcher to restart it"
+        )
+    if resume != "auto":
+        raise ConfigError(
+            f"--max-restarts {restarts} restarts the ranks from the run's newest checkpoint: it needs "
+            f"--resume auto (got {'--resume ' + resume if resume else 'no --resume'})"
+        )
+
+
+def run_train(config_file: Path | None, print_config: bool, profile: int | None, **options: Any) -> None:
     """Validate everything, then print the config, train here or launch the ranks."""
     from mnist_dist import data as D
 
@@ -249,8 +271,9 @@ def run_train(config_file: Path | None, print_config: bool, **options: Any) -> N
     if print_config:
         typer.echo(cfg.to_json())
         return
+    hooks = _profile_hooks(profile, cfg, _world_size(launch))
     if _under_launcher():  # we are one rank of a launch: train here
-        _train_or_fail(cfg)
+        _train_or_fail(cfg, hooks)
         return
     if cfg.name is None:
         from mnist_dist.trainer import default_run_name
@@ -267,40 +290,68 @@ def run_train(config_file: Path | None, print_config: bool, **options: Any) -> N
     except D.DataError as e:
         raise fail(str(e), code=1) from None
     if _world_size(launch) == 1:
-        _train_or_fail(cfg)
+        _train_or_fail(cfg, hooks)
     else:
         _launch_or_fail(cfg, launch)
 
 
-def _train_or_fail(cfg: TrainConfig) -> None:
+def _profile_hooks(profile: int | None, cfg: TrainConfig, world: int) -> list[Any]:
+    """``--profile N``: the hook that traces N steps of this one-process run, refused before any work
+    where the run cannot hold them."""
+    if profile is None:
+        return []
+    from mnist_dist.bench import ProfileSteps
+
+    if world > 1:
+        raise fail(f"--profile traces one process; this run has {world}: drop --processes/--nodes")
+    needed, total = ProfileSteps.steps_needed(profile), cfg.epochs * cfg.steps_per_epoch(world)
+    if total < needed:
+        raise fail(
+            f"--profile {profile} traces {ProfileSteps(profile).traced()} and needs {needed} steps; "
+            f"this run has {total}: lower --profile or raise --epochs or --max-train-samples"
+        )
+    return [ProfileSteps(profile)]
+
+
+def _train_or_fail(cfg: TrainConfig, hooks: Sequence[Any] = ()) -> None:
     from mnist_dist.checkpoint_format import CheckpointError
     from mnist_dist.data import DataError
     from mnist_dist.faults import WRITE_FAILED_EXIT, Fault, write_failed
-    from mnist_dist.preemption import Preempted
+    from mnist_dist.preemption import Preempted, crashed, on_purpose, rank_started, stopped_on_purpose
     from mnist_dist.trainer import train
 
+    def stop(message: str, code: int) -> typer.Exit:  # launched ranks record it (see on_purpose)
+        return fail(message, code=stopped_on_purpose(code))
+
+    rank_started()
     try:
-        train(cfg)
+        train(cfg, hooks=hooks)
     except Preempted as e:  # the main process already said where the checkpoint is
-        raise typer.Exit(e.exit_code) from None
+        raise typer.Exit(on_purpose(e.exit_code)) from None
     except (ConfigError, CheckpointError) as e:
-        raise fail(str(e)) from None
+        raise stop(str(e), 2) from None
     except DataError as e:
-        raise fail(str(e), code=1) from None
+        raise stop(str(e), 1) from None
     except Fault as e:  # the same on every rank: rank 0 says it
         if os.environ.get(env.RANK, "0") != "0":
-            raise typer.Exit(e.exit_code) from None
-        raise fail(str(e), code=e.exit_code) from None
+            raise typer.Exit(stopped_on_purpose(e.exit_code)) from None
+        raise stop(str(e), e.exit_code) from None
     except OSError as e:  # a run file the main process writes as it goes (metrics.jsonl)
         then = "the run's newest checkpoint is intact: fix that, then run the same command with --resume auto"
-        raise fail(str(write_failed(Path(cfg.output_dir), e, then)), code=WRITE_FAILED_EXIT) from None
+        raise stop(str(write_failed(Path(cfg.output_dir), e, then)), WRITE_FAILED_EXIT) from None
+    except Exception as e:
+        crashed(e)
+        raise
+    for hook in hooks:  # --profile
+        done = f"wrote a trace of {hook.traced()}: {hook.path}"
+        typer.echo(done if hook.path else "--profile: the run ended before the steps to trace (resumed?)")
 
 
 def _launch_or_fail(cfg: TrainConfig, launch: dict[str, Any]) -> None:
     from mnist_dist.launch import launch as launch_ranks
     from mnist_dist.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
-    code = launch_ranks(cfg, **launch)
+    code, cause = launch_ranks(cfg, **launch)
     stopped = {
         PREEMPTED_EXIT: "preempted: the ranks saved a checkpoint and stopped",
         INTERRUPTED_EXIT: "interrupted: the ranks stopped (after a checkpoint, if they were training)",
@@ -312,14 +363,31 @@ def _launch_or_fail(cfg: TrainConfig, launch: dict[str, Any]) -> None:
             err=True,
         )
         raise typer.Exit(code)
+    if code and cause is None:  # a rank stopped on purpose and said why
+        raise typer.Exit(code)
     if code:
-        raise fail(f"training failed: a rank exited with code {code} (its error is shown above)", code=code)
+        restarts = launch["max_restarts"]
+        after = f" after {restarts} restart{'s' * (restarts > 1)}" if restarts else ""
+        raise fail(f"training failed{after}: {cause}", code=code)
+
+
+def _profile_param(where: str) -> inspect.Parameter:
+    from mnist_dist.bench import PROFILE_SKIP
+
+    return inspect.Parameter(
+        "profile", KW, default=None,
+        annotation=Annotated[Optional[int], typer.Option(min=1, metavar="N", help=f"Trace N optimizer steps of the training loop with torch.profiler, after {PROFILE_SKIP} untraced ones, into a Chrome trace (Perfetto, chrome://tracing, TensorBoard's profiler plugin): {where}.", rich_help_panel="Speed")],  # noqa: UP045
+    )  # fmt: skip
 
 
 def _make_train_command() -> Callable[..., None]:
     return config_command(
         run_train,
-        [*_CONFIG_PARAMS, *_LAUNCH_PARAMS],
+        [
+            *_CONFIG_PARAMS,
+            *_LAUNCH_PARAMS,
+            _profile_param("<run>/profile/loop.pt.trace.json; one process only"),
+        ],
         "Train a model. Options not given come from --preset (or --config); --processes/--nodes launch "
         "ranks through Accelerate.",
     )
@@ -630,21 +698,29 @@ def run_bench_command(
     steps: int | None,
     warmup_steps: int,
     rounds: int,
-    workers: int | None,
+    workers: str | None,
+    bare: str | None,
     conventional: bool,
+    profile: int | None,
     json_path: Path,
     **options: Any,
 ) -> None:
-    """Validate the recipe and the timing options, time them, print the table and write the JSON."""
+    """Validate the recipe and the timing options, time them, print the table and write the JSON
+    (with ``--profile``, a trace of the loop beside it)."""
     import shlex
 
     from mnist_dist import data as D
-    from mnist_dist.bench import BenchOptions, format_table, run_bench, write_json
+    from mnist_dist.bench import BenchOptions, format_table, parse_list, profile_loop, run_bench, write_json
 
     try:
+        listed = {
+            k: parse_list(v, f"--{k}", kind)
+            for k, v, kind in (("workers", workers, int), ("bare", bare, str))
+            if v is not None
+        }
         opts = BenchOptions(
             from_preset(preset, **options), max_train_samples=max_train_samples, epochs=epochs, steps=steps,
-            warmup_steps=warmup_steps, rounds=rounds, workers=workers, conventional=conventional,
+            warmup_steps=warmup_steps, rounds=rounds, conventional=conventional, **listed,
         )  # fmt: skip
         opts.train_config("runs", "bench")
         result = run_bench(opts, command=shlex.join(["mnist-dist", *sys.argv[1:]]))
@@ -653,6 +729,10 @@ def run_bench_command(
     except D.DataError as e:
         raise fail(str(e), code=1) from None
     typer.echo(format_table(result))
+    if profile:
+        trace = profile_loop(opts, profile, json_path.with_name(f"{json_path.stem}.pt.trace.json"))
+        result["profile"] = {"steps": profile, "trace": str(trace)}
+        typer.echo(f"wrote a trace of {profile} steps of the loop: {trace}")
     write_json(result, json_path)
     typer.echo(f"wrote {json_path}")
 
@@ -683,10 +763,6 @@ _BENCH_PARAMS = [
         annotation=Annotated[int, typer.Option(min=1, help="Interleaved rounds of all measurements; medians are reported.", rich_help_panel="Bench")],
     ),
     inspect.Parameter(
-        "workers", KW, default=None,
-        annotation=Annotated[Optional[int], typer.Option(min=0, help="DataLoader workers of the conventional pipeline (default: min(4, cores)).", rich_help_panel="Bench")],  # noqa: UP045
-    ),
-    inspect.Parameter(
         "conventional", KW, default=True,
         annotation=Annotated[bool, typer.Option("--conventional/--no-conventional", help="Also time the conventional pipeline.", rich_help_panel="Bench")],
     ),
@@ -697,12 +773,32 @@ _BENCH_PARAMS = [
 ]  # fmt: skip
 
 
+def _bench_list_params() -> list[inspect.Parameter]:
+    """The options that list what to time, their defaults shown from BenchOptions."""
+    from mnist_dist.bench import BenchOptions
+
+    listed = {
+        "workers": "DataLoader worker counts of the conventional pipeline, each timed; the fastest is compared",
+        "bare": "Bare-step variants timed; the fastest is compared",
+    }
+    return [
+        inspect.Parameter(name, KW, default=None, annotation=Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help=f"{text} (default: {','.join(map(str, getattr(BenchOptions(), name)))}).", rich_help_panel="Bench",
+        )])
+        for name, text in listed.items()
+    ]  # fmt: skip
+
+
 def _make_bench_command() -> Callable[..., None]:
     from mnist_dist.bench import OPTION_FIELDS
 
     return config_command(
         run_bench_command,
-        _BENCH_PARAMS,
+        [
+            *_BENCH_PARAMS,
+            *_bench_list_params(),
+            _profile_param("<json>.pt.trace.json beside --json, run apart from the timed rounds"),
+        ],
         "Time the training loop against the bare model step (its ceiling) and the conventional pipeline.",
         names=OPTION_FIELDS,
         base="reference",

@@ -38,6 +38,31 @@ def agree(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     return payload[0]
 
 
+def init_process_group() -> None:
+    """Under torch's elastic agent (torchrun, ``accelerate launch``), start the ranks' process group
+    in a key space of its own restart attempt, before Accelerate starts one.
+
+    The agent's store outlives a restart (``--max-restarts``), and torch names the group's keys the
+    same in every attempt: a restarted rank finds the addresses the failed attempt's ranks published
+    (gloo's, NCCL's unique id) and connects to processes that are gone, while its new peers have not
+    written theirs yet. Each attempt's own prefix (the agent's restart count) keeps them apart.
+    """
+    if os.environ.get(env.USE_AGENT_STORE) != str(True) or torch.distributed.is_initialized():
+        return
+    from torch.distributed.constants import default_pg_timeout
+
+    agent_store = torch.distributed.TCPStore(
+        os.environ[env.MASTER_ADDR], int(os.environ[env.MASTER_PORT]), is_master=False,
+        timeout=default_pg_timeout,
+    )  # fmt: skip
+    attempt = os.environ.get(env.RESTART_COUNT, "0")
+    torch.distributed.init_process_group(  # no backend: gloo for CPU tensors, NCCL for CUDA ones
+        store=torch.distributed.PrefixStore(f"mnist_dist/attempt-{attempt}", agent_store),
+        rank=int(os.environ[env.RANK]),
+        world_size=int(os.environ[env.WORLD_SIZE]),
+    )
+
+
 def check_world_size(accelerator: Accelerator) -> None:
     """Fail loudly when the launcher started fewer ranks than were asked for."""
     asked = int(os.environ.get(env.EXPECTED_WORLD) or os.environ.get(env.WORLD_SIZE) or 1)

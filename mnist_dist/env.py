@@ -17,6 +17,9 @@ RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"  # "True": the elastic agent hosts the ranks' store
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # how often the agent has restarted its workers
 SIGNALS_TO_HANDLE = "PET_SIGNALS_TO_HANDLE"  # torch >= 2.9: signals the elastic agent handles
 LAUNCHER_VARS = (WORLD_SIZE, RANK, LOCAL_RANK)  # their presence means "this process is one rank"
 

@@ -15,6 +15,12 @@ the step) aborts that wait. The agent is started with SIGINT ignored, so a Ctrl-
 (which reaches this process and the agent) stops the workers only through us, as SIGINT. When the
 workers stopped after writing a checkpoint, ``launch`` returns their exit code (75, or 130 after
 SIGINT); the agent itself only reports a failed worker.
+
+Restarts (``--max-restarts K``): when a rank dies, the agent stops the node's other ranks and starts
+them all again, up to K times; each resumes from the run's newest checkpoint (``--resume auto``).
+Ranks that stop on purpose (a checkpoint on a signal, a fault, a refused value) exit 0 so that the
+agent does not restart them, and leave their code in the launch folder (``preemption.on_purpose``):
+``launch`` exits with it, and with the first crashed rank's error when the restarts ran out.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from types import FrameType
 from mnist_dist.config import TrainConfig
 from mnist_dist.env import EXPECTED_WORLD, LAUNCH_DIR, PYTHONUNBUFFERED, SIGNALS_TO_HANDLE
 from mnist_dist.files import write_text_atomic
-from mnist_dist.preemption import INTERRUPTED_EXIT, SIGNALS, exit_code, was_preempted, worker_pids
+from mnist_dist.preemption import (
+    INTERRUPTED_EXIT,
+    SIGNALS,
+    crash_cause,
+    exit_code,
+    stopped_code,
+    was_preempted,
+    worker_pids,
+)
 
 CONFIG_FILE = "config.json"  # in the launch folder
 # What the agent handles itself (torch >= 2.9; its default set is TERM, INT, HUP, QUIT): SIGUSR1 too,
@@ -57,6 +71,7 @@ def launch_command(
     node_rank: int = 0,
     main_address: str = "127.0.0.1",
     main_port: int | None = None,
+    max_restarts: int = 0,
 ) -> list[str]:
     """The accelerate launch command line that starts this node's ranks of the run."""
     cmd = [
@@ -70,6 +85,7 @@ def launch_command(
         "--mixed_precision", cfg.precision,
         "--dynamo_backend", "no",
         "--monitor_interval", "1",
+        "--max_restarts", str(max_restarts),
     ]  # fmt: skip
     if nodes > 1:
         cmd.append("--same_network")
@@ -84,18 +100,22 @@ def launch(
     node_rank: int = 0,
     main_address: str = "127.0.0.1",
     main_port: int | None = None,
-) -> int:
-    """Run this node's ranks to completion and return the exit code: a crash in any rank ends the
-    whole launch with its code; a stop at a checkpoint gives 75 (SIGTERM/SIGUSR1) or 130 (SIGINT)."""
+    max_restarts: int = 0,
+) -> tuple[int, str | None]:
+    """Run this node's ranks to completion; return the exit code and, when the ranks failed without
+    saying why themselves, the cause in one line. A stop at a checkpoint gives 75 (SIGTERM/SIGUSR1)
+    or 130 (SIGINT), a fault its own code (``faults``); a crash that ``max_restarts`` restarts of
+    the ranks did not get past ends the launch."""
     env = {**os.environ, EXPECTED_WORLD: str(processes * nodes), SIGNALS_TO_HANDLE: AGENT_SIGNALS}
     env.setdefault(PYTHONUNBUFFERED, "1")
     with tempfile.TemporaryDirectory(prefix="mnist-dist-launch-") as folder:
         config_file = write_text_atomic(Path(folder) / CONFIG_FILE, cfg.to_json())
         cmd = launch_command(
-            cfg, processes, config_file,
-            nodes=nodes, node_rank=node_rank, main_address=main_address, main_port=main_port,
+            cfg, processes, config_file, nodes=nodes, node_rank=node_rank, main_address=main_address,
+            main_port=main_port, max_restarts=max_restarts,
         )  # fmt: skip
-        return run_ranks(cmd, {**env, LAUNCH_DIR: folder}, Path(folder))
+        code = run_ranks(cmd, {**env, LAUNCH_DIR: folder}, Path(folder))
+        return code, _cause(Path(folder), code)
 
 
 def run_ranks(cmd: list[str], env: dict[str, str], launch_dir: Path) -> int:
@@ -107,7 +127,18 @@ def run_ranks(cmd: list[str], env: dict[str, str], launch_dir: Path) -> int:
     stopped = was_preempted(launch_dir)
     if stopped is not None:
         return exit_code(stopped)
-    return INTERRUPTED_EXIT if signal.SIGINT in received else code
+    if signal.SIGINT in received:
+        return INTERRUPTED_EXIT
+    on_purpose = stopped_code(launch_dir)
+    return code if on_purpose is None else on_purpose
+
+
+def _cause(launch_dir: Path, code: int) -> str | None:
+    """Why the launch failed, when no rank said it: the first crashed rank's error, if one lived to
+    record it (a rank killed by a signal cannot)."""
+    if not code or was_preempted(launch_dir) or stopped_code(launch_dir) is not None:
+        return None
+    return crash_cause(launch_dir) or f"a rank exited with code {code} or was killed (its output is above)"
 
 
 @contextmanager

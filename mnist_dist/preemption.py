@@ -10,7 +10,9 @@ during setup or the final evaluation is the usual KeyboardInterrupt.
 Under ``mnist-dist train --processes N`` every worker writes its pid into the launch folder
 (``MNIST_DIST_LAUNCH_DIR``), so the launcher passes signals to the workers themselves, and each
 worker that stopped at a checkpoint leaves a ``preempted-<rank>`` marker naming the signal, from
-which the launcher takes its exit code.
+which the launcher takes its exit code. A worker that stops on purpose for another reason (a fault,
+a refused value) leaves a ``stopped-<rank>`` marker with its exit code, and one that crashes a
+``crashed-<rank>`` marker with its error in one line, for the launcher's message.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ INTERRUPTED_EXIT = 128 + signal.SIGINT
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 GPU_CHECK_EVERY = 10  # on a GPU, reading the stop flag is a host sync: agree only every N steps
 MARKER = "preempted"
+STOPPED = "stopped"  # stopped-<rank>: the exit code (the rank printed why)
+CRASHED = "crashed"  # crashed-<rank>: "<error type>: <its message's first line>"
 
 
 def exit_code(signum: int) -> int:
@@ -154,3 +158,66 @@ def was_preempted(launch_dir: Path) -> signal.Signals | None:
     """The signal on which the workers of a launch stopped after writing a checkpoint, if they did."""
     markers = sorted(Path(launch_dir).glob(f"{MARKER}-*"))  # the same signal in each: ranks agree on it
     return signal.Signals[markers[0].read_text().split("\n", 1)[0]] if markers else None
+
+
+def _own_marker(kind: str) -> Path | None:
+    """This rank's marker of ``kind`` in its launch folder; None outside ``mnist-dist train --processes``."""
+    launch_dir = os.environ.get(env.LAUNCH_DIR)
+    return Path(launch_dir) / f"{kind}-{os.environ.get(env.RANK, '0')}" if launch_dir else None
+
+
+def rank_started() -> None:
+    """A rank (re)starting: its markers from an attempt that torch's agent restarted are stale."""
+    for kind in (MARKER, STOPPED, CRASHED):
+        marker = _own_marker(kind)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+def on_purpose(code: int) -> int:
+    """The exit code of a rank that stopped on purpose with ``code`` (a preemption, a fault, a refused
+    value): 0 under the launcher, which takes ``code`` from the rank's marker. torch's elastic agent
+    restarts every worker that exits non-zero (``--max-restarts``), which would resume a run that
+    was told to stop or repeat a fault, and reports every failure as 1."""
+    return 0 if os.environ.get(env.LAUNCH_DIR) else code
+
+
+def stopped_on_purpose(code: int) -> int:
+    """Record that this rank stopped with ``code`` (it prints why itself); return its exit code."""
+    marker = _own_marker(STOPPED)
+    if marker is not None:
+        write_text_atomic(marker, f"{code}\n")
+    return on_purpose(code)
+
+
+def crashed(error: BaseException) -> None:
+    """Record an unexpected error in one line for the launcher; the rank still exits non-zero, so
+    that torch's agent restarts the group when --max-restarts allows it."""
+    marker = _own_marker(CRASHED)
+    if marker is not None:
+        lines = str(error).strip().splitlines()
+        write_text_atomic(marker, f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ") + "\n")
+
+
+def _first(launch_dir: Path, kind: str) -> tuple[str, str] | None:
+    """The rank and text of the earliest marker of ``kind``: the first failure is the cause; the
+    errors of its peers follow from it."""
+    found = []
+    for marker in Path(launch_dir).glob(f"{kind}-*"):
+        with suppress(OSError):
+            found.append(
+                (marker.stat().st_mtime_ns, marker.name.removeprefix(f"{kind}-"), marker.read_text())
+            )
+    return min(found)[1:] if found else None
+
+
+def stopped_code(launch_dir: Path) -> int | None:
+    """The exit code a rank of the launch stopped with on purpose, if one did."""
+    first = _first(launch_dir, STOPPED)
+    return int(first[1]) if first and first[1].strip().isdigit() else None
+
+
+def crash_cause(launch_dir: Path) -> str | None:
+    """'rank R: <error>' of the first rank that crashed, if one lived to say it."""
+    first = _first(launch_dir, CRASHED)
+    return f"rank {first[0]}: {first[1].strip()}" if first else None

@@ -60,6 +60,7 @@ def default_run_name(cfg: TrainConfig) -> str:
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """On the device ``distributed.use_cpu`` picks. wandb (when on) is started later by the main
     process's tracker, with dir=<run folder>."""
+    dist.init_process_group()
     return Accelerator(
         cpu=dist.use_cpu(cfg.cpu),
         mixed_precision=cfg.precision,

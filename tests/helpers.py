@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -59,6 +60,21 @@ def kill_marked(marker: str) -> None:
         if proc.name.isdigit() and int(proc.name) != os.getpid() and ours(int(proc.name), marker):
             with suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
+
+
+def rank_pid(marker: str, rank: int, timeout: float = 60) -> int:
+    """The pid of rank ``rank`` among the processes whose environment names ``marker`` (the launcher
+    and torch's agent have no RANK)."""
+    needle = f"\0{env.RANK}={rank}\0".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            with suppress(OSError):
+                environ = b"\0" + (proc / "environ").read_bytes()
+                if proc.name.isdigit() and marker.encode() in environ and needle in environ:
+                    return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no process of rank {rank} marked {marker}")
 
 
 @contextmanager

@@ -292,9 +292,9 @@ def test_the_command_says_one_line_and_exits_with_the_faults_code(
         )
     if fault == "metrics":
         monkeypatch.setattr(runfiles, "MetricsLog", Metrics)
-    monkeypatch.setattr(T, "train", functools.partial(T.train, data=digits, hooks=hooks))
+    monkeypatch.setattr(T, "train", functools.partial(T.train, data=digits))
     with pytest.raises(typer.Exit) as exited:
-        _train_or_fail(config(tmp_path, "c", log_every=3))
+        _train_or_fail(config(tmp_path, "c", log_every=3), hooks)
     assert exited.value.exit_code == code
     errors = [line for line in capsys.readouterr().err.splitlines() if "Error" in line or "Traceback" in line]
     assert len(errors) == 1 and says in errors[0], errors
