@@ -64,8 +64,8 @@ def test_a_failed_requeue_is_reported_with_scontrols_error(
     )
 
 
-def run_name(script: Path, tmp: Path, **job: str) -> str:
-    """The --name the batch script gives `mnist-dist train`, run as SLURM's batch shell would."""
+def batch_args(script: Path, tmp: Path, **job: str) -> list[str]:
+    """The arguments the batch script gives `mnist-dist`, run as SLURM's batch shell would."""
     fake = tmp / "bin" / "mnist-dist"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text(RECORDING_MNIST_DIST)
@@ -80,7 +80,12 @@ def run_name(script: Path, tmp: Path, **job: str) -> str:
         cwd=tmp, env={**base, **slurm_env, **job}, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    args = (tmp / "mnist-dist.0").read_text().splitlines()
+    return (tmp / "mnist-dist.0").read_text().splitlines()
+
+
+def run_name(script: Path, tmp: Path, **job: str) -> str:
+    """The --name the batch script gives `mnist-dist train`."""
+    args = batch_args(script, tmp, **job)
     return args[args.index("--name") + 1]
 
 
@@ -101,3 +106,14 @@ def test_each_array_task_trains_in_a_run_folder_of_its_own(
 ) -> None:
     """The name comes from the job's ids alone, so the requeued task (same ids) finds its folder."""
     assert run_name(script, tmp_path, **job) == name
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
+@pytest.mark.parametrize(("job", "restarts"), [({}, "0"), ({"MAX_RESTARTS": "3"}, "3")], ids=["unset", "3"])
+def test_max_restarts_reaches_the_launch_with_resume_auto(
+    tmp_path: Path, script: Path, job: dict[str, str], restarts: str
+) -> None:
+    """The restarted ranks continue the run: the scripts pair --max-restarts with --resume auto."""
+    args = batch_args(script, tmp_path, **{env.SLURM_JOB_ID: "4250", **job})
+    assert args[args.index("--max-restarts") + 1] == restarts
+    assert args[args.index("--resume") + 1] == "auto"
