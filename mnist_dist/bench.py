@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from mnist_dist import data as D
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, reference
 from mnist_dist.files import write_text_atomic
-from mnist_dist.model import build_model
+from mnist_dist.model import build_model, compiled
 from mnist_dist.trainer import Hooks, Trainer, train
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -153,7 +153,7 @@ def model_step(cfg: TrainConfig, device: torch.device) -> Step:
     net = build_model(cfg.model).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if cfg.compile else net
+    model = compiled(net) if cfg.compile else net
     model.train()
     optimizer = build_optimizer(cfg, net.parameters(), 1.0, tensor_hparams=bool(cfg.compile))  # as the loop's
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

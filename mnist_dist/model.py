@@ -53,6 +53,17 @@ def build_model(name: str = "net") -> Net:
     return Net(**MODELS[name])
 
 
+def compiled(net: nn.Module) -> nn.Module:
+    """``net`` under torch.compile as the training loop and the bench's bare step run it.
+
+    Static shapes: the short last batch gets a graph of its own, so a step's arithmetic does not
+    depend on which shapes came first (a resumed run compiles in another order). Dropout draws from
+    torch's generator as in eager mode (not inductor's own), so compiling changes rounding, not the
+    random masks.
+    """
+    return torch.compile(net, dynamic=False, options={"fallback_random": True})
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

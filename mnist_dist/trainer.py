@@ -35,7 +35,7 @@ from mnist_dist import faults, runfiles
 from mnist_dist.checkpoint import Checkpointer
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, run_dir_taken
 from mnist_dist.evaluate import evaluate_split
-from mnist_dist.model import build_model, count_parameters
+from mnist_dist.model import build_model, compiled, count_parameters
 from mnist_dist.optim import EMA, build_optimizer, build_schedule, optimizer_stepper
 from mnist_dist.preemption import PreemptionWatch
 from mnist_dist.state import Meters, TrainState
@@ -132,16 +132,7 @@ class Trainer:
         optimizer = build_optimizer(cfg, net.parameters(), lr_scale, tensor_hparams=self.speed.compile)
         self.scheduler = build_schedule(cfg, optimizer, self.total_steps, lr_scale)
         # Compile the bare module, then let Accelerate wrap it: Dynamo tracing DDP's internals fails.
-        # Static shapes: the short last batch gets a graph of its own, so a step's arithmetic does not
-        # depend on which shapes came first (a resumed run compiles in another order). Dropout draws
-        # from torch's generator as in eager mode (not inductor's own), so compiling changes rounding,
-        # not the random masks.
-        model = (
-            torch.compile(net, dynamic=False, options={"fallback_random": True})
-            if self.speed.compile
-            else net
-        )
-        self.model = acc.prepare_model(model)
+        self.model = acc.prepare_model(compiled(net) if self.speed.compile else net)
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.stepper = optimizer_stepper(self.optimizer, acc)
         self.net = net
