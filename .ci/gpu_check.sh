@@ -114,15 +114,19 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 tee -a "$LOG" <"$OUT/env.txt"
 
 GRAPH=()  # the graph-captured step where this checkout has it; else the trainings run eager
-if has_option train "$GRAPH_OPTION"; then
+if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
+  skipped "graph capture" "tiny CPU mode: CUDA graphs need a GPU; the trainings run without them"
+elif has_option train "$GRAPH_OPTION"; then
   GRAPH=("$GRAPH_OPTION")
 else
   skipped "graph capture" "option $GRAPH_OPTION not available: the trainings run without it"
 fi
 
 bench fp32 110 --precision no "${BARE_ALL[@]}"
-if has_option bench "$GRAPH_OPTION"; then
-  bench graph 40 --precision no --bare eager --no-conventional "$GRAPH_OPTION"
+if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
+  skipped "bench graph" "tiny CPU mode: CUDA graphs need a GPU"
+elif has_option bench "$GRAPH_OPTION"; then
+  bench graph 40 --precision no --bare "eager,compile" --no-conventional "$GRAPH_OPTION"
 else
   skipped "bench graph" "option $GRAPH_OPTION not available"
 fi

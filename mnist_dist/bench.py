@@ -54,7 +54,7 @@ Rounds = dict[str, list[dict[str, Any]]]  # measurement -> one result per round
 # The config fields that decide a step's cost: recorded with every result, and (with the threads
 # and the data) the recipe options of `mnist-dist bench`, generated from TrainConfig like train's.
 STEP_FIELDS = (
-    "model", "precision", "compile", "channels_last", "batch_size", "optimizer",
+    "model", "precision", "compile", "channels_last", "cuda_graph", "batch_size", "optimizer",
     "rotate", "translate", "scale", "interpolation", "elastic", "ema",
 )  # fmt: skip
 OPTION_FIELDS = (*STEP_FIELDS, "threads", "data_dir")
@@ -153,13 +153,15 @@ def model_step(cfg: TrainConfig, device: torch.device) -> Step:
     net = build_model(cfg.model).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = compiled(net) if cfg.compile else net
+    model = compiled(net, cfg.cuda_graph) if cfg.compile else net
     model.train()
     optimizer = build_optimizer(cfg, net.parameters(), 1.0, tensor_hparams=bool(cfg.compile))  # as the loop's
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if cfg.compile and cfg.cuda_graph:  # as the loop's train_step
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "no"):
             out = model(x)
         loss = F.nll_loss(out.float(), y)

@@ -35,6 +35,7 @@ class Speed:
 
     compile: bool = False
     channels_last: bool = False
+    cuda_graph: bool = False
 
 
 # The whole training loop's fastest settings on a CPU, per model, as measured (docs/benchmarks.md);
@@ -124,6 +125,12 @@ class TrainConfig:
     channels_last: bool | None = _opt(
         None, "channels_last memory format. Default: what measured fastest (on a CPU: on).", "Speed"
     )
+    cuda_graph: bool = _opt(
+        False,
+        "CUDA only: replay the compiled model's forward and backward as CUDA graphs (torch.compile's "
+        "CUDA-graph trees, mode reduce-overhead); compiles the model.",
+        "Speed",
+    )
     threads: int | None = _opt(None, "CPU threads per process (default: cores / local processes).", "Speed")
     cpu: bool = _opt(False, "Train on the CPU even where a GPU (CUDA, or Apple's MPS) is present.", "Speed")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (GPUs only).", "Distributed")
@@ -154,8 +161,9 @@ class TrainConfig:
         """The speed settings a run on this device type uses: those given, else the measured best."""
         best = CPU_SPEED.get(self.model, Speed()) if device_type == "cpu" else Speed()
         return Speed(
-            compile=best.compile if self.compile is None else self.compile,
+            compile=self.cuda_graph or (best.compile if self.compile is None else self.compile),
             channels_last=best.channels_last if self.channels_last is None else self.channels_last,
+            cuda_graph=self.cuda_graph,
         )
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -295,6 +303,11 @@ class TrainConfig:
                 )
 
     def _validate_hardware(self, world_size: int, cuda: bool) -> None:
+        if self.cuda_graph and (not cuda or self.cpu):
+            where = "--cpu trains on the CPU" if cuda else "no CUDA GPU is visible"
+            raise ConfigError(f"--cuda-graph needs a CUDA GPU ({where}); drop --cuda-graph")
+        if self.cuda_graph and self.compile is False:
+            raise ConfigError("--cuda-graph replays the compiled model: it cannot run with --no-compile")
         if self.precision == "fp16" and not cuda:
             raise ConfigError("--precision fp16 needs a GPU (on a CPU it silently runs fp32); use bf16 or no")
         if self.sync_bn and world_size > 1 and not cuda:

@@ -53,15 +53,17 @@ def build_model(name: str = "net") -> Net:
     return Net(**MODELS[name])
 
 
-def compiled(net: nn.Module) -> nn.Module:
+def compiled(net: nn.Module, cuda_graph: bool = False) -> nn.Module:
     """``net`` under torch.compile as the training loop and the bench's bare step run it.
 
     Static shapes: the short last batch gets a graph of its own, so a step's arithmetic does not
     depend on which shapes came first (a resumed run compiles in another order). Dropout draws from
     torch's generator as in eager mode (not inductor's own), so compiling changes rounding, not the
-    random masks.
+    random masks. ``cuda_graph`` is mode reduce-overhead's option, given as an option because
+    torch.compile takes a mode or options, not both.
     """
-    return torch.compile(net, dynamic=False, options={"fallback_random": True})
+    options = {"fallback_random": True, "triton.cudagraphs": cuda_graph}
+    return torch.compile(net, dynamic=False, options=options)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -132,7 +132,7 @@ class Trainer:
         optimizer = build_optimizer(cfg, net.parameters(), lr_scale, tensor_hparams=self.speed.compile)
         self.scheduler = build_schedule(cfg, optimizer, self.total_steps, lr_scale)
         # Compile the bare module, then let Accelerate wrap it: Dynamo tracing DDP's internals fails.
-        self.model = acc.prepare_model(compiled(net) if self.speed.compile else net)
+        self.model = acc.prepare_model(compiled(net, self.speed.cuda_graph) if self.speed.compile else net)
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.stepper = optimizer_stepper(self.optimizer, acc)
         self.net = net
@@ -156,7 +156,7 @@ class Trainer:
         say(
             f"mnist-dist: {cfg.preset} preset, {self.world} process(es) on {self.device} ({self.threads} "
             f"threads each), precision {cfg.precision}, compile {self.speed.compile}, channels_last "
-            f"{self.speed.channels_last}, {len(self.splits['train']):,} train samples, batch "
+            f"{self.speed.channels_last}, CUDA graphs {self.speed.cuda_graph}, {len(self.splits['train']):,} train samples, batch "
             f"{self.batch_size}/process, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
             f"run folder {self.run_dir}"
         )
@@ -192,6 +192,8 @@ class Trainer:
         """One optimizer step over this rank's micro-batches of a global batch of ``global_n`` samples.
         No host synchronisation: the meters are device tensors, the step counters host integers."""
         scale = self.world / global_n  # DDP averages over ranks: this makes it the global mean
+        if self.speed.cuda_graph:  # a new step: the graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         last = len(micro_batches) - 1
         for i, idx in enumerate(micro_batches):
             x, y = self.batch(idx)

@@ -11,7 +11,7 @@ import torch
 
 from mnist_dist import runfiles
 from mnist_dist import trainer as T
-from mnist_dist.config import CPU_SPEED, Speed, TrainConfig, from_preset
+from mnist_dist.config import CPU_SPEED, ConfigError, Speed, TrainConfig, from_preset
 from mnist_dist.data import MNISTArrays
 from mnist_dist.distributed import use_cpu
 from mnist_dist.model import MODELS
@@ -50,6 +50,20 @@ def test_a_cpu_run_defaults_to_its_models_measured_settings(model: str) -> None:
     assert cfg.speed("cuda") == cfg.speed("mps") == Speed()  # not measured there: eager
     assert TrainConfig(model=model, compile=False, channels_last=False).speed("cpu") == Speed()
     assert TrainConfig(model=model, compile=True, channels_last=True).speed("cuda") == Speed(True, True)
+
+
+def test_cuda_graphs_compile_the_model_on_cuda_and_are_refused_elsewhere() -> None:
+    graphed = TrainConfig(cuda_graph=True)
+    assert graphed.speed("cuda") == Speed(compile=True, channels_last=False, cuda_graph=True)
+    assert graphed.validate(cuda=True) is graphed
+    for cfg, cuda, says in (
+        (graphed, False, "no CUDA GPU is visible"),
+        (graphed.replace(cpu=True), True, "--cpu trains on the CPU"),
+        (graphed.replace(compile=False), True, "cannot run with --no-compile"),
+    ):
+        with pytest.raises(ConfigError, match="--cuda-graph") as refused:
+            cfg.validate(cuda=cuda)
+        assert says in str(refused.value)
 
 
 def step_losses(tmp: Path, data: MNISTArrays, name: str, compile: bool) -> tuple[list[float], dict]:
