@@ -84,6 +84,15 @@ class TrainConfig:
     final_div_factor: float = _opt(1e4, "OneCycleLR end = start / final-div-factor.")
     weight_decay: float = _opt(1e-4, "Weight decay (L2, added to the gradient).")
     label_smoothing: float = _opt(0.0, "Label smoothing of the NLL loss, in [0, 1).")
+    distill_from: str | None = _opt(
+        None,
+        "Knowledge distillation: comma-separated run folders (or their model.safetensors) whose models, "
+        "averaged, teach this run; each a finished run of the same --split-seed.",
+    )
+    distill_temperature: float = _opt(4.0, "Distillation temperature (> 0) softening both distributions.")
+    distill_weight: float = _opt(
+        0.5, "Weight of the distillation loss, in (0, 1]; the label loss gets 1 - weight."
+    )
     rotate: float = _opt(7.0, "Random rotation range in degrees (train only).", "Augmentation")
     translate: float = _opt(2.0, "Random translation range in pixels (train only).", "Augmentation")
     scale: float = _opt(0.0, "Random scaling range, e.g. 0.1 for 0.9..1.1.", "Augmentation")
@@ -209,6 +218,7 @@ class TrainConfig:
         """Refuse every value that cannot work, before any work starts (and before any rank does)."""
         self._validate_counts(world_size)
         self._validate_ranges()
+        self._validate_distill()
         self._validate_values()
         self._validate_rates(world_size)
         _choice(self.preset, tuple(PRESETS), "--preset")
@@ -269,6 +279,21 @@ class TrainConfig:
             raise ConfigError(f"--elastic must be in [0, 100] pixels (0 = off), got {self.elastic}")
         if not 0 <= self.scale < 1:
             raise ConfigError(f"--scale must be in [0, 1), got {self.scale}")
+
+    def _validate_distill(self) -> None:
+        """The distillation knobs; the teachers themselves are checked as they load, before any work
+        (``mnist_dist.distill``: reading a run's files imports this module)."""
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        if not 0 < self.distill_weight <= 1:
+            raise ConfigError(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
+        if self.distill_from is None:
+            for name in _DISTILL_KNOBS:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise ConfigError(
+                        f"{_flag(name)} {getattr(self, name)} acts only on teachers, and none is given: "
+                        f"add --distill-from, or leave {_flag(name)} out"
+                    )
 
     def _validate_values(self) -> None:
         """Values the libraries underneath can take, for every field: torch overflows (or segfaults)
@@ -351,6 +376,8 @@ class TrainConfig:
 _INT_MAX = 2**31 - 1  # torch's thread count is a 32-bit int; sizes stay far from its 64-bit overflow
 _SEED_MAX = 2**32 - 1  # numpy's largest seed (accelerate's set_seed seeds numpy too)
 _SEEDS = ("seed", "split_seed")
+_DISTILL_KNOBS = ("distill_temperature", "distill_weight")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 
 

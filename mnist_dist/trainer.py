@@ -34,6 +34,7 @@ from mnist_dist import distributed as dist
 from mnist_dist import faults, runfiles
 from mnist_dist.checkpoint import Checkpointer
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, run_dir_taken
+from mnist_dist.distill import Teachers
 from mnist_dist.evaluate import evaluate_split
 from mnist_dist.model import build_model, compiled, count_parameters
 from mnist_dist.optim import EMA, build_optimizer, build_schedule, optimizer_stepper
@@ -81,6 +82,8 @@ class Trainer:
         dist.check_world_size(acc)
         self.threads = dist.set_threads(cfg.threads, acc)
         dist.set_determinism(cfg.deterministic, self.device)
+        # Before the seed: building the teachers' modules draws from torch's generator.
+        self.teachers = Teachers.load(cfg, self.device)
         set_seed(cfg.seed)
         self.splits = self._device_data(data)
         self.batch_size = cfg.per_process_batch(self.world)
@@ -160,6 +163,8 @@ class Trainer:
             f"{self.batch_size}/process, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
             f"run folder {self.run_dir}"
         )
+        if self.teachers is not None:
+            say(self.teachers.describe())
         if self.resumed_from is not None:
             say(f"resumed from {self.resumed_from} (step {self.state.global_step} of {self.total_steps})")
         elif cfg.resume:
@@ -182,11 +187,14 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, train.labels[idx]
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The summed loss of a micro-batch (scaled to the global mean by the step)."""
+    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The summed loss of a micro-batch (scaled to the global mean by the step); with teachers,
+        mixed with the soft loss against their view of the same images ``x``."""
         if self.cfg.label_smoothing:
-            return F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing, reduction="sum")
-        return F.nll_loss(out, y, reduction="sum")
+            hard = F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing, reduction="sum")
+        else:
+            hard = F.nll_loss(out, y, reduction="sum")
+        return hard if self.teachers is None else self.teachers.loss(hard, out, x)
 
     def train_step(self, micro_batches: list[torch.Tensor], global_n: int) -> None:
         """One optimizer step over this rank's micro-batches of a global batch of ``global_n`` samples.
@@ -199,7 +207,7 @@ class Trainer:
             x, y = self.batch(idx)
             with self.accelerator.no_sync(self.model) if i < last else nullcontext():
                 out = self.model(x)
-                loss = self.loss(out.float(), y)
+                loss = self.loss(out.float(), y, x)
                 self.accelerator.backward(loss * scale)
             self.state.meters.add(loss.detach(), (out.detach().argmax(1) == y).sum(), len(idx))
         self.stepper.step()
@@ -388,6 +396,7 @@ class Trainer:
             "train_images_per_second": state.train_images / state.train_seconds,
             "run_dir": str(self.run_dir),
             "torch": torch.__version__,
+            **(self.teachers.summary() if self.teachers is not None else {}),
         }
 
     def close(self) -> None:
