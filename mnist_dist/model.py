@@ -45,6 +45,10 @@ MODELS = {
     "net": {"width1": 8, "width2": 16},  # the reference design: 8,440 parameters
     "net_wide": {"width1": 12, "width2": 24},  # same layout, 1.5x channels: 18,708 parameters
     "net_wider": {"width1": 16, "width2": 24},  # 2x/1.5x channels: 19,616 parameters
+    # net_wider's budget re-allocated (issue 18's GPU candidates): the first block wider, the rest
+    # narrower; or the first block as Net's and the rest wider.
+    "net_w24x23": {"width1": 24, "width2": 23},  # 19,929 parameters
+    "net_w8x25": {"width1": 8, "width2": 25},  # 19,213 parameters
 }
 
 

@@ -68,7 +68,10 @@ def test_bench_recipe_options_are_train_config_fields_on_the_reference_preset(tm
     ("args", "message"),
     [
         (["--elastic", "-1"], "--elastic must be in [0, 100] pixels (0 = off), got -1.0"),
-        (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
+        (
+            ["--model", "resnet"],
+            "--model must be one of net, net_wide, net_wider, net_w24x23, net_w8x25; got 'resnet'",
+        ),
         (
             ["--max-train-samples", "60000"],
             "--max-train-samples must be <= 50000 (the train split), got 60000",

@@ -28,7 +28,10 @@ BAD = [
     (["--elastic", "-1"], "--elastic must be in [0, 100] pixels (0 = off), got -1.0"),
     (["--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' does not exist"),
     (["--preset", "best"], "--preset must be one of reference, default; got 'best'"),
-    (["--model", "resnet"], "--model must be one of net, net_wide, net_wider; got 'resnet'"),
+    (
+        ["--model", "resnet"],
+        "--model must be one of net, net_wide, net_wider, net_w24x23, net_w8x25; got 'resnet'",
+    ),
     (["--max-train-samples", "60000"], "--max-train-samples must be <= 50000"),
     (["--processes", "2", "--global-batch-size", "255"], "must be a multiple of processes x grad-accum"),
     (["--nodes", "2", "--node-rank", "2", "--main-port", "29511"], "--node-rank must be in 0..1, got 2"),

@@ -94,14 +94,16 @@ def test_shapes_of_no_known_model_are_named_with_the_models_known(tmp_path: Path
         load_model(path)
     message = str(caught.value)
     assert str(path) in message and "convblock1.0.weight [4, 1, 3, 3]" in message
-    assert "net, net_wide, net_wider" in message and "\n" not in message
+    assert "net, net_wide, net_wider, net_w24x23, net_w8x25" in message and "\n" not in message
     with pytest.raises(WeightsError, match="match none"):
         infer_model({"w": torch.zeros(2)})
 
 
 def test_unknown_model_names_are_refused(tmp_path: Path) -> None:
     run, _ = run_folder(tmp_path, "net")
-    with pytest.raises(WeightsError, match=r"model 'resnet' is not one of net, net_wide, net_wider"):
+    with pytest.raises(
+        WeightsError, match=r"model 'resnet' is not one of net, net_wide, net_wider, net_w24x23, net_w8x25"
+    ):
         load_model(run, "resnet")
     (run / "config.json").write_text('{"model": "resnet"}\n')
     with pytest.raises(WeightsError, match=r"config\.json names model 'resnet', not one of net,"):
