@@ -65,6 +65,11 @@ class TrainConfig:
         "net_wider",
         f"Model: {', '.join(MODELS)} (net is the reference design; the others widen its channels).",
     )
+    branches: bool = _opt(
+        False,
+        "Train each 3x3 conv + BatchNorm as four summed conv + BatchNorm branches (3x3, 1x3, 3x1, 1x1), "
+        "folded exactly into one conv + BatchNorm after training: the saved model is the plain one.",
+    )
     epochs: int = _opt(19, "Training epochs.")
     batch_size: int = _opt(128, "Batch size per process.")
     global_batch_size: int | None = _opt(

@@ -32,6 +32,7 @@ from accelerate.utils import tqdm as progress
 from mnist_dist import data as D
 from mnist_dist import distributed as dist
 from mnist_dist import faults, runfiles
+from mnist_dist.branches import branched, fold
 from mnist_dist.checkpoint import Checkpointer
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, run_dir_taken
 from mnist_dist.distill import Teachers
@@ -126,7 +127,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        net = build_model(cfg.model).to(self.device)
+        net = build_model(cfg.model)
+        net = (branched(net) if cfg.branches else net).to(self.device)
         if cfg.sync_bn and self.world > 1:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if self.speed.channels_last:
@@ -340,6 +342,8 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict[str, Any]:
         """Final evaluation on validation and test, the weights, the summary and the pictures."""
+        if self.cfg.branches:  # from here on: the plain model the branches fold into
+            self.eval_net = fold(self.eval_net)
         val = self.evaluate("val", want_predictions=True)
         test = self.evaluate("test")
         summary = self.summary(val, test)
@@ -381,7 +385,9 @@ class Trainer:
             **{f"test_{k}": test[k] for k in ("acc", "loss", "count")},
             "best_epoch": best["epoch"],
             "best_val_acc": best["val_acc"],
-            "params": count_parameters(self.net),
+            "params": count_parameters(self.eval_net),
+            "train_params": count_parameters(self.net),
+            "branches": cfg.branches,
             "epochs": cfg.epochs,
             "steps": self.total_steps,
             "world_size": self.world,
