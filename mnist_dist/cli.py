@@ -37,6 +37,7 @@ from mnist_dist.config import (
     from_preset,
     read_config_file,
 )
+from mnist_dist.data import TTA_LABEL, TTA_VIEWS
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # help: the callback's docstring
 
@@ -521,6 +522,14 @@ def evaluate(
             "--json", help="Print the same results as JSON (per-class and confusion counts of both splits)."
         ),
     ] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help=f"Also measure both splits under test-time augmentation ({TTA_LABEL}: "
+            f"{', '.join(v.name for v in TTA_VIEWS)}; their probabilities averaged), beside the plain numbers.",
+        ),
+    ] = False,
 ) -> None:
     """Val and test accuracy of saved weights (loaded without running code), per class; test confusions."""
     from mnist_dist import data as D
@@ -532,7 +541,7 @@ def evaluate(
     if data_dir is not None and not data_dir.is_dir():
         raise fail(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
     try:
-        result = evaluate_weights(weights, data_dir or default_data_dir(), split_seed, batch_size, model)
+        result = evaluate_weights(weights, data_dir or default_data_dir(), split_seed, batch_size, model, tta)
     except WeightsError as e:
         raise fail(str(e)) from None
     except D.DataError as e:

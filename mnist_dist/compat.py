@@ -27,6 +27,8 @@ MAY_CHANGE = frozenset(
         "name",
         "compile",
         "channels_last",
+        "cuda_graph",
+        "tta",  # the final evaluation only
         "threads",
         "deterministic",
         "log_every",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mnist_dist import env
-from mnist_dist.data import ELASTIC_SIGMA, N_TRAIN, step_bounds
+from mnist_dist.data import ELASTIC_SIGMA, N_TRAIN, TTA_LABEL, step_bounds
 from mnist_dist.model import MODELS
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -126,6 +126,12 @@ class TrainConfig:
         None, "Train on the first N samples of the split (smoke runs).", "Data"
     )
     eval_batch_size: int = _opt(2000, "Evaluation batch per process.", "Data")
+    tta: bool = _opt(
+        False,
+        f"Final evaluation also reports test-time-augmentation accuracy ({TTA_LABEL}) on val and test; "
+        "per-epoch validation stays plain.",
+        "Data",
+    )
     # --- run ---
     output_dir: str = _opt("runs", "Folder that holds run folders.", "Run")
     name: str | None = _opt(None, "Run folder name (default: <preset>-<timestamp>).", "Run")

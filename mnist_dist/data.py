@@ -1,5 +1,5 @@
-"""MNIST as uint8 tensors on the training device: loading, the 50k/10k split, sharded sampling and
-batched per-sample augmentation.
+"""MNIST as uint8 tensors on the training device: loading, the 50k/10k split, sharded sampling,
+batched per-sample augmentation and the fixed views of test-time augmentation.
 
 torchvision's MNIST defines the files (names, md5s, mirrors) and downloads them. We read the
 verified ``.gz`` files directly instead of letting torchvision extract them: nothing is ever written
@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,17 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(x.shape[1], 1, -1, 1), padding=(radius, 0), groups=x.shape[1])
 
 
+def _affine_grid(
+    x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor
+) -> torch.Tensor:
+    """The sampling grid that rotates each image by ``angle`` (radians) about its centre, zooms it by
+    ``zoom`` and moves it by (tx, ty) in grid units. The grid maps output pixels to input pixels, so it
+    holds the inverse transform."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, -tx], 1), torch.stack([sin, cos, -ty], 1)], 1)
+    return F.affine_grid(theta, list(x.shape), align_corners=False)
+
+
 def augment(
     images_u8: torch.Tensor,
     generator: torch.Generator,
@@ -282,15 +294,58 @@ def augment(
 
     angle = torch.deg2rad(uniform(rotate))
     zoom = 1.0 + uniform(scale) if scale else torch.ones(n, device=dev)
-    # The grid maps output pixels to input pixels, so it holds the inverse transform.
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     h = x.shape[-1]
     tx = uniform(translate) * 2 / h if translate else torch.zeros(n, device=dev)
     ty = uniform(translate) * 2 / h if translate else torch.zeros(n, device=dev)
-    theta = torch.stack([torch.stack([cos, -sin, -tx], 1), torch.stack([sin, cos, -ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = _affine_grid(x, angle, zoom, tx, ty)
     if elastic:
         field = torch.empty(n, 2, h, h, device=dev).uniform_(-1, 1, generator=generator)
         grid = grid + (_gaussian_blur(field, ELASTIC_SIGMA) * (elastic * 2 / h)).permute(0, 2, 3, 1)
     x = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     return (x - MEAN) / STD
+
+
+@dataclass(frozen=True)
+class View:
+    """One fixed test-time view of an image: a whole-pixel shift (right and down positive), then a
+    rotation about the centre by ``degrees`` (the sign convention of ``augment``'s angles)."""
+
+    name: str
+    dx: int = 0
+    dy: int = 0
+    degrees: float = 0.0
+
+
+def view(images_u8: torch.Tensor, v: View) -> torch.Tensor:
+    """``images_u8`` (N,1,H,W) seen as ``v``, normalized. The shift is exact (zero-padded and cropped,
+    no resampling); the rotation samples nearest pixels through ``augment``'s grid, fill 0 before
+    normalization, as training sees its rotations."""
+    x = images_u8
+    if v.dx or v.dy:
+        h, w = x.shape[-2:]
+        pad = (max(v.dx, 0), max(-v.dx, 0), max(v.dy, 0), max(-v.dy, 0))  # left, right, top, bottom
+        x = F.pad(x, pad)[..., max(-v.dy, 0) : max(-v.dy, 0) + h, max(-v.dx, 0) : max(-v.dx, 0) + w]
+    if not v.degrees:
+        return normalize(x)
+    x = x.float() / 255.0
+    n, dev = x.shape[0], x.device
+    angle = torch.full((n,), math.radians(v.degrees), device=dev)
+    zero = torch.zeros(n, device=dev)
+    grid = _affine_grid(x, angle, torch.ones(n, device=dev), zero, zero)
+    x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (x - MEAN) / STD
+
+
+# Fixed before any measurement, never chosen on the numbers: the image, shifted one pixel each way,
+# and turned 5 degrees each way.
+TTA_VIEWS = (
+    View("identity"),
+    View("shift right", dx=1),
+    View("shift left", dx=-1),
+    View("shift down", dy=1),
+    View("shift up", dy=-1),
+    View("rotate +5", degrees=5.0),
+    View("rotate -5", degrees=-5.0),
+)
+# Everything that reports a TTA number names it by this label.
+TTA_LABEL = f"TTA, {len(TTA_VIEWS)} views"

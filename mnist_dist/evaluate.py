@@ -1,11 +1,14 @@
 """Measuring a model on a split: the training's exact-count evaluation over its ranks, and the
 evaluation of saved weights in one process. Both run the same per-chunk arithmetic (``_sums``), so a
-run's reported accuracy and ``mnist-dist evaluate`` of its weights count the same way."""
+run's reported accuracy and ``mnist-dist evaluate`` of its weights count the same way.
+
+Test-time augmentation (TTA) scores each image by the mean, over the fixed views
+``data.TTA_VIEWS``, of the model's probabilities."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,34 @@ from mnist_dist.distributed import local_device
 from mnist_dist.weights import load_model
 
 
+def _log_probs(
+    model: torch.nn.Module,
+    images_u8: torch.Tensor,
+    views: Sequence[D.View] | None,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> torch.Tensor:
+    """The model's log-probabilities of a chunk; with ``views``, the log of the mean over the views of
+    its probabilities (a log-mean-exp of the log-probabilities the models return, so one view is
+    that view's output exactly)."""
+    if views is None:
+        x = D.normalize(images_u8)
+        with autocast():
+            return model(x).float()
+    outs = []
+    for v in views:
+        x = D.view(images_u8, v)
+        with autocast():
+            outs.append(model(x).float())
+    return torch.logsumexp(torch.stack(outs), 0) - math.log(len(views))
+
+
 def _sums(
     model: torch.nn.Module,
     split: D.DeviceSplit,
     indices: torch.Tensor,
     batch: int,
     autocast: Callable[[], AbstractContextManager[Any]],
+    views: Sequence[D.View] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(correct, summed loss, count) over ``indices`` in float64, and the predictions per chunk.
     The sums stay on the device: the caller reads them once, after any reduction over ranks."""
@@ -32,9 +57,7 @@ def _sums(
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     preds = []
     for chunk in indices.split(batch):
-        x, y = D.normalize(split.images[chunk]), split.labels[chunk]
-        with autocast():
-            out = model(x).float()
+        out, y = _log_probs(model, split.images[chunk], views, autocast), split.labels[chunk]
         pred = out.argmax(1)
         sums += torch.stack(
             [
@@ -54,13 +77,15 @@ def evaluate_split(
     accelerator: Accelerator,
     batch: int,
     want_predictions: bool = False,
+    views: Sequence[D.View] | None = None,
 ) -> dict[str, Any]:
     """Exact-count evaluation: each rank takes a contiguous shard (no padding, no duplicates),
-    sums are reduced over ranks, so accuracy counts every sample exactly once for any world size."""
+    sums are reduced over ranks, so accuracy counts every sample exactly once for any world size.
+    ``views``: test-time augmentation over them (default: the images as they are)."""
     model.eval()
     device, world = accelerator.device, accelerator.num_processes
     idx = D.eval_shard(len(split), world, accelerator.process_index).to(device)
-    sums, preds = _sums(model, split, idx, batch, accelerator.autocast)
+    sums, preds = _sums(model, split, idx, batch, accelerator.autocast, views)
     sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
     correct, loss, count = sums.tolist()
     result: dict[str, Any] = {"acc": correct / count, "loss": loss / count, "count": int(count)}
@@ -75,11 +100,13 @@ def evaluate_split(
 
 
 @torch.no_grad()
-def _in_process(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> tuple[list[float], torch.Tensor]:
+def _in_process(
+    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[D.View] | None = None
+) -> tuple[list[float], torch.Tensor]:
     """(correct, summed loss, count) and every prediction of ``split``, in this process, in full precision."""
     model.eval()
     indices = torch.arange(len(split), device=split.labels.device)
-    sums, preds = _sums(model, split, indices, batch, nullcontext)
+    sums, preds = _sums(model, split, indices, batch, nullcontext, views)
     predictions = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=indices.device)
     return sums.tolist(), predictions
 
@@ -90,12 +117,15 @@ def accuracy(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> float:
     return correct / count
 
 
-def split_report(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> dict[str, Any]:
+def split_report(
+    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[D.View] | None = None
+) -> dict[str, Any]:
     """Accuracy, loss, per-class counts and the confusion counts (rows true, columns predicted) of
-    ``split``: the per-class numbers come from the same predictions the accuracy counts."""
+    ``split`` (with ``views``: under test-time augmentation): the per-class numbers come from the same
+    predictions the accuracy counts."""
     from mnist_dist.plots import confusion_matrix
 
-    (correct, loss, count), predictions = _in_process(model, split, batch)
+    (correct, loss, count), predictions = _in_process(model, split, batch, views)
     counts = confusion_matrix(split.labels.cpu(), predictions.cpu())
     right, images = counts.diag().tolist(), counts.sum(1).tolist()
     return {
@@ -111,27 +141,40 @@ def split_report(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> di
 
 
 def evaluate_weights(
-    path: Path, data_root: Path, split_seed: int, batch: int, model: str | None = None
+    path: Path, data_root: Path, split_seed: int, batch: int, model: str | None = None, tta: bool = False
 ) -> dict[str, Any]:
-    """The weights at ``path`` (a run folder or a weights file) measured on validation and test."""
+    """The weights at ``path`` (a run folder or a weights file) measured on validation and test;
+    with ``tta`` also under test-time augmentation, as ``val_tta`` and ``test_tta``."""
     device = local_device()
     net, name = load_model(path, model)
     net = net.to(device)
     splits = D.device_splits(D.load_mnist(data_root), split_seed, device, max_train=1)
-    return {
+    result = {
         "model": name,
         "split_seed": split_seed,
         **{split: split_report(net, splits[split], batch) for split in ("val", "test")},
     }
+    if tta:
+        result["tta_views"] = [v.name for v in D.TTA_VIEWS]
+        result |= {
+            f"{split}_tta": split_report(net, splits[split], batch, D.TTA_VIEWS) for split in ("val", "test")
+        }
+    return result
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """``evaluate_weights``' result for a terminal: the two accuracy lines, per-class accuracy on both
-    splits, and the test confusion counts."""
+    """``evaluate_weights``' result for a terminal: the two accuracy lines (and the two TTA ones, if
+    measured), per-class accuracy on both splits, and the test confusion counts."""
     val, test = result["val"], result["test"]
     lines = [
         f"val  {100 * val['acc']:.2f}%  ({val['count']:,} images, split seed {result['split_seed']})",
         f"test {100 * test['acc']:.2f}%  ({test['count']:,} images)",
+        *[
+            f"{f'{split} ({D.TTA_LABEL})':<{len(D.TTA_LABEL) + 7}} {100 * result[f'{split}_tta']['acc']:.2f}%  "
+            f"({result[f'{split}_tta']['count']:,} images)"
+            for split in ("val", "test")
+            if f"{split}_tta" in result
+        ],
         "",
         f"{'class':>5}  {'val':>7} {'right/images':>13}  {'test':>7} {'right/images':>13}",
     ]

@@ -332,29 +332,39 @@ class Trainer:
         """Before an epoch's record and before every checkpoint: diverged weights are never saved."""
         self.stop_if_diverged(self.nonfinite().tolist())
 
-    def evaluate(self, split: str, want_predictions: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self, split: str, want_predictions: bool = False, views: Sequence[D.View] | None = None
+    ) -> dict[str, Any]:
         """The evaluated weights (EMA or live), the same on every rank, on a whole split."""
         dist.sync_from_rank0(self.eval_net, self.accelerator)
         return evaluate_split(
-            self.eval_net, self.splits[split], self.accelerator, self.cfg.eval_batch_size, want_predictions
+            self.eval_net,
+            self.splits[split],
+            self.accelerator,
+            self.cfg.eval_batch_size,
+            want_predictions,
+            views,
         )
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict[str, Any]:
-        """Final evaluation on validation and test, the weights, the summary and the pictures."""
+        """Final evaluation on validation and test (with --tta also under test-time augmentation), the
+        weights, the summary and the pictures."""
         if self.cfg.branches:  # from here on: the plain model the branches fold into
             self.eval_net = fold(self.eval_net)
         val = self.evaluate("val", want_predictions=True)
         test = self.evaluate("test")
-        summary = self.summary(val, test)
+        tta = {s: self.evaluate(s, views=D.TTA_VIEWS) for s in ("val", "test")} if self.cfg.tta else {}
+        summary = self.summary(val, test, tta)
         artifacts = {
             "val_predictions": val.get("predictions"),
             "val_labels": self.splits["val"].labels.cpu(),
             "val_images": self.splits["val"].images,  # the tracker copies only the misclassified ones
         }
         dist.agree(self.accelerator, lambda: self._write_final(summary, artifacts))
+        tta_text = "".join(f"{s} ({D.TTA_LABEL}) {100 * summary[f'{s}_tta_acc']:.2f}%  " for s in tta)
         self.tracker.print(
-            f"done: val {100 * summary['val_acc']:.2f}%  test {100 * summary['test_acc']:.2f}%  "
+            f"done: val {100 * summary['val_acc']:.2f}%  test {100 * summary['test_acc']:.2f}%  {tta_text}"
             f"({summary['wall_seconds']:.1f} s, {summary['train_images_per_second']:,.0f} train img/s) "
             f"→ {self.run_dir}"
         )
@@ -376,13 +386,18 @@ class Trainer:
         with faults.writing(self.run_dir, then):
             self.tracker.finish(summary, artifacts)
 
-    def summary(self, val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    def summary(
+        self, val: dict[str, Any], test: dict[str, Any], tta: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """What summary.json holds; ``tta`` (split -> its TTA evaluation) adds ``<split>_tta_acc`` and
+        ``<split>_tta_loss``."""
         cfg, state = self.cfg, self.state
         best = max(state.history, key=lambda r: r["val_acc"])
         return {
             "preset": cfg.preset,
             **{f"val_{k}": val[k] for k in ("acc", "loss", "count")},
             **{f"test_{k}": test[k] for k in ("acc", "loss", "count")},
+            **{f"{s}_tta_{k}": r[k] for s, r in tta.items() for k in ("acc", "loss")},
             "best_epoch": best["epoch"],
             "best_val_acc": best["val_acc"],
             "params": count_parameters(self.eval_net),
