@@ -294,8 +294,11 @@ class TrainConfig:
     def _validate_distill(self) -> None:
         """The distillation knobs; the teachers themselves are checked as they load, before any work
         (``mnist_dist.distill``: reading a run's files imports this module)."""
-        if not self.distill_temperature > 0:
-            raise ConfigError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        if not 0 < self.distill_temperature <= _FLOAT32_MAX**0.5:  # the soft loss scales by T^2
+            raise ConfigError(
+                f"--distill-temperature must be > 0 and at most {_FLOAT32_MAX**0.5:.3g} (its square must fit "
+                f"a float32), got {self.distill_temperature}"
+            )
         if not 0 < self.distill_weight <= 1:
             raise ConfigError(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
         if self.distill_from is None:

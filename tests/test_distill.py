@@ -229,6 +229,11 @@ REFUSALS = {
         "--distill-temperature",
         "> 0",
     ),
+    "temperature whose square overflows": (
+        lambda t, tmp: (["--distill-from", str(t), "--distill-temperature", "1e20"], "1e+20"),
+        "--distill-temperature",
+        "float32",
+    ),
     "weight 0": (
         lambda t, tmp: (["--distill-from", str(t), "--distill-weight", "0"], "0.0"),
         "--distill-weight",
