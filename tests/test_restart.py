@@ -192,7 +192,8 @@ if attempt == 0 and rank == 1:
     os._exit(9)  # dies after the group has formed
 t = torch.ones(1)
 torch.distributed.all_reduce(t)  # in the failed attempt, rank 0 fails here
-print(f"attempt {attempt} rank {rank} sum {t.item():.0f}", flush=True)
+os.write(1, f"attempt {attempt} rank {rank} sum {t.item():.0f}\\n".encode())  # one write: lines never interleave
+torch.distributed.destroy_process_group()  # as the trainer does: exiting with gloo's threads running may abort
 """
 
 
@@ -208,7 +209,7 @@ def test_a_restarted_group_never_connects_to_the_failed_groups_addresses(tmp_pat
         cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env(PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {"attempt 1 rank 0 sum 2", "attempt 1 rank 1 sum 2"} <= set(done.stdout.splitlines())
+    assert {"attempt 1 rank 0 sum 2", "attempt 1 rank 1 sum 2"} <= set(done.stdout.splitlines()), done.stdout
 
 
 # ---------------------------------------------------------------------- fast: in-process
