@@ -47,6 +47,30 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple
     return out / "run", train(cfg)
 
 
+@pytest.fixture(scope="session")
+def few_step_run(tmp_path_factory: pytest.TempPathFactory, mnist: D.MNISTArrays) -> Path:
+    """A run folder of Net weights after a few steps on real digits, right on some and unsure or wrong
+    on others (evaluate's and TTA's proofs: changing how an image is scored then changes counts)."""
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.model import build_model
+    from mnist_dist.runfiles import WEIGHTS_FILE, write_config
+    from mnist_dist.weights import save_weights
+
+    folder = tmp_path_factory.mktemp("few-steps") / "run"
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = build_model("net").train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    x, y = D.normalize(mnist.train_images[:512].unsqueeze(1)), mnist.train_labels[:512]
+    for _ in range(10):
+        optimizer.zero_grad()
+        torch.nn.functional.nll_loss(net(x), y).backward()
+        optimizer.step()
+    save_weights(net, folder / WEIGHTS_FILE)
+    write_config(folder, TrainConfig(model="net"))
+    return folder
+
+
 def synthetic_digits(seed: int = 0) -> D.MNISTArrays:
     """MNIST-shaped uint8 arrays (a tenth of MNIST: 6,000 train, 1,000 test) on a noisy background,
     whose class is a striped patch: horizontal or vertical stripes, 1 to 5 pixels wide. Local

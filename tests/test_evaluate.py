@@ -14,29 +14,14 @@ from typer.testing import CliRunner
 
 from mnist_dist import data as D
 from mnist_dist.cli import app
-from mnist_dist.config import TrainConfig
 from mnist_dist.evaluate import accuracy, format_report
 from mnist_dist.model import build_model
-from mnist_dist.runfiles import WEIGHTS_FILE, write_config
-from mnist_dist.weights import load_model, save_weights
+from mnist_dist.weights import load_model
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, mnist: D.MNISTArrays) -> Path:
-    """A run folder of Net weights after a few steps on real digits: right on some, wrong on others."""
-    folder = tmp_path_factory.mktemp("evaluate") / "run"
-    folder.mkdir()
-    torch.manual_seed(0)
-    net = build_model("net").train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
-    x, y = D.normalize(mnist.train_images[:512].unsqueeze(1)), mnist.train_labels[:512]
-    for _ in range(10):
-        optimizer.zero_grad()
-        torch.nn.functional.nll_loss(net(x), y).backward()
-        optimizer.step()
-    save_weights(net, folder / WEIGHTS_FILE)
-    write_config(folder, TrainConfig(model="net"))
-    return folder
+def run(few_step_run: Path) -> Path:
+    return few_step_run
 
 
 @pytest.fixture(scope="module")

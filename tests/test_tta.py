@@ -19,9 +19,9 @@ from mnist_dist.cli import app
 from mnist_dist.config import TrainConfig, from_preset
 from mnist_dist.evaluate import format_report, split_report
 from mnist_dist.model import build_model
-from mnist_dist.runfiles import WEIGHTS_FILE, write_config
+from mnist_dist.runfiles import WEIGHTS_FILE
 from mnist_dist.trainer import train
-from mnist_dist.weights import load_model, save_weights
+from mnist_dist.weights import load_model
 
 VIEWS = {v.name: v for v in D.TTA_VIEWS}
 TTA_KEYS = {"val_tta_acc", "val_tta_loss", "test_tta_acc", "test_tta_loss"}
@@ -217,21 +217,8 @@ def test_a_training_with_tta_adds_the_four_numbers_and_changes_nothing_else(
 
 # ---------------------------------------------------------------------- proof
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory, mnist: D.MNISTArrays) -> Path:
-    """Net weights after a few steps on real digits: right on many, unsure of many."""
-    folder = tmp_path_factory.mktemp("tta") / "run"
-    folder.mkdir()
-    torch.manual_seed(0)
-    model = build_model("net").train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    x, y = D.normalize(mnist.train_images[:512].unsqueeze(1)), mnist.train_labels[:512]
-    for _ in range(10):
-        optimizer.zero_grad()
-        F.nll_loss(model(x), y).backward()
-        optimizer.step()
-    save_weights(model, folder / WEIGHTS_FILE)
-    write_config(folder, TrainConfig(model="net"))
-    return folder
+def weights(few_step_run: Path) -> Path:
+    return few_step_run
 
 
 @pytest.mark.proof
