@@ -63,6 +63,7 @@ class Teachers:
                 f"{FLAG} {cfg.distill_from!r} has an empty entry: give comma-separated run folders"
             )
         teachers = [load_teacher(path, cfg.split_seed) for path in paths]
+        _refuse_repeats(paths)  # each path is readable now
         for t in teachers:
             t.net.to(device).eval()
         return cls(teachers, cfg.distill_temperature, cfg.distill_weight)
@@ -128,6 +129,19 @@ def load_teacher(path: str, split_seed: int) -> Teacher:
             "finished): give finished runs"
         )
     return Teacher(path, net, model, float(seconds))
+
+
+def _refuse_repeats(paths: list[str]) -> None:
+    """A run named twice (as given, or once as its folder and once as its weights) would count as
+    two teachers: its advice weighed double and its cost added twice."""
+    seen: dict[Path, str] = {}
+    for path in paths:
+        weights = (Path(path) / runfiles.WEIGHTS_FILE if Path(path).is_dir() else Path(path)).resolve()
+        if weights in seen:
+            raise ConfigError(
+                f"{FLAG} names one teacher twice, as {seen[weights]!r} and {path!r}: give each run once"
+            )
+        seen[weights] = path
 
 
 def _run_folder(path: Path) -> Path | None:

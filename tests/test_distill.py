@@ -224,6 +224,11 @@ REFUSALS = {
         "summary.json",
     ),
     "empty entry": (lambda t, tmp: (["--distill-from", f"{t},"], f"{t},"), "--distill-from", "empty entry"),
+    "one teacher twice": (
+        lambda t, tmp: (["--distill-from", f"{t},{t / runfiles.WEIGHTS_FILE}"], str(t / runfiles.WEIGHTS_FILE)),
+        "--distill-from",
+        "twice",
+    ),
     "temperature 0": (
         lambda t, tmp: (["--distill-from", str(t), "--distill-temperature", "0"], "0.0"),
         "--distill-temperature",
