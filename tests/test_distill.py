@@ -225,7 +225,10 @@ REFUSALS = {
     ),
     "empty entry": (lambda t, tmp: (["--distill-from", f"{t},"], f"{t},"), "--distill-from", "empty entry"),
     "one teacher twice": (
-        lambda t, tmp: (["--distill-from", f"{t},{t / runfiles.WEIGHTS_FILE}"], str(t / runfiles.WEIGHTS_FILE)),
+        lambda t, tmp: (
+            ["--distill-from", f"{t},{t / runfiles.WEIGHTS_FILE}"],
+            str(t / runfiles.WEIGHTS_FILE),
+        ),
         "--distill-from",
         "twice",
     ),
