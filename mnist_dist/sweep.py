@@ -22,9 +22,11 @@ from typing import Any
 
 from mnist_dist import env, runfiles
 from mnist_dist.config import TrainConfig
+from mnist_dist.data import TTA_LABEL
 from mnist_dist.files import write_text_atomic
 
 STATS = ("val_acc", "test_acc", "wall_seconds")
+TTA_STATS = ("val_tta_acc", "test_tta_acc")  # a sweep with --tta: the same runs' TTA results, labelled
 
 
 def seed_run_name(base: str, seed: int) -> str:
@@ -83,11 +85,12 @@ def run_sweep(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> dict[str, An
     cuda = torch.cuda.is_available()
     start = time.perf_counter()
     failed = _run_all([seed_config(cfg, seed, jobs, cuda) for seed in seeds], jobs)
+    keys = (*STATS, *(TTA_STATS if cfg.tta else ()), "best_epoch", "best_val_acc", "epochs")
     rows = []
     for seed in seeds:
         s = runfiles.read_summary(Path(cfg.output_dir) / seed_run_name(cfg.name or cfg.preset, seed))
         if seed not in failed and s is not None:
-            rows.append({"seed": seed, **{k: s[k] for k in (*STATS, "best_epoch", "best_val_acc", "epochs")}})
+            rows.append({"seed": seed, **{k: s[k] for k in keys}})
     return {
         "config": cfg.to_dict(),
         "seeds": seeds,
@@ -117,9 +120,10 @@ def _run_all(runs: list[TrainConfig], jobs: int) -> list[int]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, std, min and max of each of STATS, and of TTA_STATS where the rows hold them."""
     out = {}
-    for key in STATS:
-        values = [r[key] for r in rows]
+    for key in (*STATS, *TTA_STATS):
+        values = [r[key] for r in rows if key in r]
         if values:
             out[key] = {
                 "mean": statistics.fmean(values),
@@ -131,19 +135,26 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'seed':>6} {'final val':>10} {'test':>8} {'best ep':>8} {'wall s':>8}"]
+    """One line per seed, then the stats; a sweep with --tta adds its TTA columns, labelled."""
+    accs = [("val_acc", "final val"), ("test_acc", "test")]
+    if result["runs"] and TTA_STATS[0] in result["runs"][0]:
+        accs += [("val_tta_acc", "val, TTA"), ("test_tta_acc", "test, TTA")]
+    widths = [max(8, len(header) + 1) for _, header in accs]
+
+    def line(first: object, values: list[float], best: object, wall: str) -> str:
+        cells = [f"{100 * v:>{w - 1}.2f}%" for v, w in zip(values, widths, strict=True)]
+        return f"{first:>6} {' '.join(cells)} {best:>8} {wall:>8}"
+
+    header = " ".join(f"{h:>{w}}" for (_, h), w in zip(accs, widths, strict=True))
+    lines = [f"{'seed':>6} {header} {'best ep':>8} {'wall s':>8}"]
     for r in result["runs"]:
-        lines.append(
-            f"{r['seed']:>6} {100 * r['val_acc']:>9.2f}% {100 * r['test_acc']:>7.2f}% "
-            f"{r['best_epoch']:>8} {r['wall_seconds']:>8.1f}"
-        )
-    for stat in ("mean", "std", "min", "max"):
-        st = result["stats"]
-        if "val_acc" in st:
-            lines.append(
-                f"{stat:>6} {100 * st['val_acc'][stat]:>9.2f}% {100 * st['test_acc'][stat]:>7.2f}% "
-                f"{'':>8} {st['wall_seconds'][stat]:>8.1f}"
-            )
+        lines.append(line(r["seed"], [r[k] for k, _ in accs], r["best_epoch"], f"{r['wall_seconds']:.1f}"))
+    st = result["stats"]
+    if "val_acc" in st:
+        for stat in ("mean", "std", "min", "max"):
+            lines.append(line(stat, [st[k][stat] for k, _ in accs], "", f"{st['wall_seconds'][stat]:.1f}"))
+    if len(accs) > 2:
+        lines.append(f"{TTA_LABEL}: the same weights under test-time augmentation; the headline is final val")
     if result["failed_seeds"]:
         lines.append(f"FAILED seeds: {result['failed_seeds']} (see the .log files in the output dir)")
     return "\n".join(lines)

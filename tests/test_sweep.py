@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mnist_dist.cli import app
 from mnist_dist.config import reference
-from mnist_dist.sweep import seed_config
+from mnist_dist.sweep import aggregate, format_table, seed_config
 
 from .helpers import clean_env, cli
 
@@ -67,10 +67,41 @@ def test_a_seed_whose_folder_exists_is_refused_before_any_run(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s-seed2"]
 
 
+def _row(seed: int, val: float, **tta: float) -> dict[str, float]:
+    return {
+        "seed": seed,
+        "val_acc": val,
+        "test_acc": 0.99,
+        "wall_seconds": 10.0 * seed,
+        "best_epoch": 2,
+        **tta,
+    }
+
+
+def test_the_table_has_tta_columns_exactly_when_the_runs_measured_tta() -> None:
+    plain = [_row(1, 0.9944), _row(2, 0.9939)]
+    text = format_table({"runs": plain, "stats": aggregate(plain), "failed_seeds": []})
+    assert text.splitlines()[0].split() == ["seed", "final", "val", "test", "best", "ep", "wall", "s"]
+    assert "TTA" not in text and "val_tta_acc" not in aggregate(plain)
+    tta = [
+        _row(1, 0.9944, val_tta_acc=0.9946, test_tta_acc=0.9958),
+        _row(2, 0.9939, val_tta_acc=0.9942, test_tta_acc=0.9957),
+    ]
+    stats = aggregate(tta)
+    assert stats["val_tta_acc"]["mean"] == statistics.fmean([0.9946, 0.9942])
+    assert stats["test_tta_acc"]["min"] == 0.9957 and stats["val_acc"]["max"] == 0.9944
+    lines = format_table({"runs": tta, "stats": stats, "failed_seeds": []}).splitlines()
+    assert "val, TTA" in lines[0] and "test, TTA" in lines[0]
+    assert lines[1].split()[:5] == ["1", "99.44%", "99.00%", "99.46%", "99.58%"]
+    assert lines[3].split()[:5] == ["mean", "99.41%", "99.00%", "99.44%", "99.58%"]
+    assert lines[-1].startswith("TTA, 7 views:")  # every TTA number labelled with its views
+
+
 @pytest.mark.proof
 def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Path) -> None:
+    """With --tta each run's TTA results join the report, beside (never instead of) the plain ones."""
     result = cli(
-        "sweep", *TINY, "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "s"
+        "sweep", *TINY, "--tta", "--seeds", "1,2", "--jobs", "2", "--output-dir", str(tmp_path), "--name", "s"
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "s.json").read_text())
@@ -79,10 +110,13 @@ def test_sweep_reports_every_seed_and_their_stats(tmp_path: Path, data_root: Pat
     assert vals[0] != vals[1]  # different seeds, different runs
     assert report["stats"]["val_acc"]["mean"] == statistics.mean(vals)
     assert report["stats"]["val_acc"]["min"] == min(vals)
-    for seed in (1, 2):
+    for seed, row in zip((1, 2), report["runs"], strict=True):
         summary = json.loads((tmp_path / f"s-seed{seed}" / "summary.json").read_text())
         assert summary["seed"] == seed and summary["epochs"] == 2
-    assert "mean" in result.stdout and "min" in result.stdout
+        assert (row["val_acc"], row["val_tta_acc"]) == (summary["val_acc"], summary["val_tta_acc"])
+    tta_vals = [r["test_tta_acc"] for r in report["runs"]]
+    assert report["stats"]["test_tta_acc"]["mean"] == statistics.mean(tta_vals)
+    assert "mean" in result.stdout and "min" in result.stdout and "val, TTA" in result.stdout
 
 
 @pytest.mark.proof
