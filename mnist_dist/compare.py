@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist import runfiles
+from mnist_dist.data import TTA_LABEL
 from mnist_dist.model import MODELS, build_model, count_parameters
 from mnist_dist.plots import latest, plot_compare
 
@@ -26,6 +27,8 @@ COLUMNS = (  # (row key, header)
     ("images_per_second", "img/s"),
     ("status", "status"),
 )
+TTA_COLUMNS = (("val_tta_acc", "val, TTA"), ("test_tta_acc", "test, TTA"))  # shown when a run measured them
+_ACCURACIES = ("val_acc", "test_acc", *(key for key, _ in TTA_COLUMNS))
 _TEXT = ("run", "preset", "model", "status")  # left-aligned columns
 
 
@@ -44,7 +47,7 @@ def run_row(run_dir: Path, epochs: list[dict[str, Any]]) -> dict[str, Any]:
         "status": "finished" if summary else "unfinished",
     }
     if summary is not None:
-        keys = ("params", "world_size", "val_acc", "test_acc", "best_epoch", "wall_seconds", "train_seconds")
+        keys = ("params", "world_size", *_ACCURACIES, "best_epoch", "wall_seconds", "train_seconds")
         return {
             **row,
             **{k: summary.get(k) for k in keys},
@@ -58,6 +61,7 @@ def run_row(run_dir: Path, epochs: list[dict[str, Any]]) -> dict[str, Any]:
         "world_size": None,  # recorded in the summary only
         "val_acc": epochs[-1]["val_acc"] if epochs else None,
         "test_acc": None,  # measured once, at the end
+        **{key: None for key, _ in TTA_COLUMNS},
         "best_epoch": best["epoch"] if best else None,
         "wall_seconds": None,
         "train_seconds": seconds if epochs else None,
@@ -93,16 +97,25 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as aligned columns: names left, numbers right."""
-    lines = [[header for _, header in COLUMNS]] + [[_cell(row, key) for key, _ in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    return "\n".join(
+    """The rows as aligned columns: names left, numbers right; the TTA columns (labelled, with their
+    views below) only where a run measured TTA (``--tta``)."""
+    columns = COLUMNS
+    tta = any(row[key] is not None for row in rows for key, _ in TTA_COLUMNS)
+    if tta:
+        at = columns.index(("test_acc", "test")) + 1
+        columns = (*columns[:at], *TTA_COLUMNS, *columns[at:])
+    lines = [[header for _, header in columns]] + [[_cell(row, key) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    table = [
         "  ".join(
             cell.ljust(width) if key in _TEXT else cell.rjust(width)
-            for cell, width, (key, _) in zip(line, widths, COLUMNS, strict=True)
+            for cell, width, (key, _) in zip(line, widths, columns, strict=True)
         ).rstrip()
         for line in lines
-    )
+    ]
+    if tta:
+        table.append(f"{TTA_LABEL}: the same weights under test-time augmentation")
+    return "\n".join(table)
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -112,7 +125,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     value = row[key]
     if value is None:
         return "-"
-    if key in ("val_acc", "test_acc"):
+    if key in _ACCURACIES:
         return f"{100 * value:.2f}%"
     if key in ("wall_seconds", "train_seconds"):
         return _duration(value)

@@ -30,14 +30,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, digits: MNISTArrays) -> dict[
         "wandb": "disabled",
         "threads": 1,
     }
-    for name, preset in [("ref", "reference"), ("wide", "default")]:
-        T.train(from_preset(preset, name=name, **common), data=digits)
+    for name, preset, tta in [
+        ("ref", "reference", False),
+        ("wide", "default", False),
+        ("tta", "reference", True),
+    ]:
+        T.train(from_preset(preset, name=name, tta=tta, **common), data=digits)
     stopped = root / "stopped"
     shutil.copytree(root / "ref", stopped)
     (stopped / runfiles.SUMMARY_FILE).unlink()
     first_epoch_steps = summary(root / "ref")["steps"] // 2
     runfiles.trim_metrics(stopped, global_step=first_epoch_steps, epoch=1)  # as if stopped after epoch 1
-    return {"ref": root / "ref", "wide": root / "wide", "stopped": stopped}
+    return {"ref": root / "ref", "wide": root / "wide", "stopped": stopped, "tta": root / "tta"}
 
 
 def summary(run: Path) -> dict[str, Any]:
@@ -68,6 +72,7 @@ def test_the_json_table_holds_each_runs_results(runs: dict[str, Path], tmp_path:
         ):
             assert row[key] == s[key], key
         assert row["images_per_second"] == s["train_images_per_second"]
+        assert row["val_tta_acc"] is None and row["test_tta_acc"] is None  # trained without --tta
         assert (row["epochs_done"], row["epochs_planned"]) == (2, 2)
     first_epoch = next(r for r in runfiles.read_metrics(runs["ref"]) if r["kind"] == "epoch")
     assert stopped["status"] == "unfinished" and (stopped["epochs_done"], stopped["epochs_planned"]) == (1, 2)
@@ -94,6 +99,19 @@ def test_the_text_table_has_a_line_per_run(runs: dict[str, Path], tmp_path: Path
     cells = stopped.split()  # epochs, world, val, test, best, wall ... status
     assert [cells[i] for i in (4, 5, 7, 8, 9)] == ["1/2", "-", "-", "1", "-"] and cells[-1] == "unfinished"
     assert wrote == "wrote compare.png" and (tmp_path / "compare.png").read_bytes().startswith(PNG)
+
+
+def test_runs_that_measured_tta_add_its_labelled_columns(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = invoke(str(runs["ref"]), str(runs["tta"]), "--out", str(tmp_path / "c.png"))
+    assert result.exit_code == 0, result.output
+    header, ref, tta, label, _ = result.stdout.splitlines()
+    assert header.split()[6:11] == ["val", "test", "val,", "TTA", "test,"]
+    s = summary(runs["tta"])
+    plain_and_tta = [f"{100 * s[k]:.2f}%" for k in ("val_acc", "test_acc", "val_tta_acc", "test_tta_acc")]
+    assert tta.split()[6:10] == plain_and_tta and ref.split()[8:10] == ["-", "-"]
+    assert label.startswith("TTA, 7 views:")
+    rows = json.loads(invoke(str(runs["tta"]), "--out", str(tmp_path / "c.png"), "--json").stdout)
+    assert (rows[0]["val_tta_acc"], rows[0]["test_tta_acc"]) == (s["val_tta_acc"], s["test_tta_acc"])
 
 
 def test_a_folder_that_is_not_a_run_is_refused_before_any_picture(
