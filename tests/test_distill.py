@@ -59,9 +59,11 @@ def teacher(tmp_path_factory: pytest.TempPathFactory, digits: D.MNISTArrays) -> 
 def student(
     tmp_path_factory: pytest.TempPathFactory, digits: D.MNISTArrays, teacher: tuple[Path, Keep]
 ) -> tuple[Path, dict[str, Any], Keep]:
-    """The teacher's recipe and seed, taught by it twice over (as a folder and as its weights file)."""
+    """The teacher's recipe and seed, taught by it and by a copy of its run (named by its folder and by
+    a weights file: both forms of a teacher)."""
     tmp, kept = tmp_path_factory.mktemp("student"), Keep()
-    teachers = f"{teacher[0]},{teacher[0] / runfiles.WEIGHTS_FILE}"
+    shutil.copytree(teacher[0], tmp / "copy")
+    teachers = f"{teacher[0]},{tmp / 'copy' / runfiles.WEIGHTS_FILE}"
     summary = trained(config(tmp, "student", distill_from=teachers, log_every=1, **RECIPE), digits, kept)
     return tmp / "student", summary, kept
 
@@ -71,7 +73,7 @@ def test_a_distilled_student_trains_and_reports_its_teachers(
 ) -> None:
     run_dir, summary, kept = student
     teacher_summary = runfiles.read_summary(teacher[0])
-    assert summary["distill_from"] == [str(teacher[0]), str(teacher[0] / runfiles.WEIGHTS_FILE)]
+    assert summary["distill_from"] == [str(teacher[0]), str(run_dir.parent / "copy" / runfiles.WEIGHTS_FILE)]
     assert summary["teacher_train_seconds"] == 2 * teacher_summary["train_seconds"]
     assert summary["teacher_params"] == 2 * count_parameters(build_model("net"))
     saved = runfiles.read_summary(run_dir)
