@@ -238,6 +238,7 @@ def _train_config(options: dict[str, Any], config_file: Path | None, launch: dic
         cfg = config_from_options(options, config_file)
         _check_restarts(launch["max_restarts"], world, cfg.resume)  # before --resume's folder is read
         cfg = cfg.validate(world_size=world, cuda=_cuda())
+        _check_teachers(cfg)
         if launch["node_rank"] >= launch["nodes"]:
             raise ConfigError(f"--node-rank must be in 0..{launch['nodes'] - 1}, got {launch['node_rank']}")
         if launch["nodes"] > 1 and launch["main_port"] is None:
@@ -245,6 +246,18 @@ def _train_config(options: dict[str, Any], config_file: Path | None, launch: dic
     except ConfigError as e:
         raise fail(str(e)) from None
     return cfg
+
+
+def _check_teachers(cfg: TrainConfig) -> None:
+    """Bad --distill-from teachers refused by this command, before --print-config prints and before
+    ranks or seeds start (each run checks them again as it loads them). Not in validate: reading a
+    run's files imports the config module."""
+    if cfg.distill_from is not None:
+        import torch
+
+        from mnist_dist.distill import Teachers
+
+        Teachers.load(cfg, torch.device("cpu"))
 
 
 def _check_restarts(restarts: int, world: int, resume: str | None) -> None:
@@ -421,6 +434,7 @@ def run_sweep_command(
     try:
         cfg = config_from_options(options, config_file)
         cfg = cfg.replace(name=cfg.name or f"sweep-{cfg.preset}").validate(cuda=_cuda())
+        _check_teachers(cfg)
         if print_config:
             typer.echo(cfg.to_json())
             return

@@ -262,22 +262,32 @@ REFUSALS = {
 }
 
 
+# How the refusal is reached: a one-process run, the config printed, two ranks to launch, a sweep.
+MODES = {
+    "train": ["train", "--threads", "1"],
+    "print-config": ["train", "--threads", "1", "--print-config"],
+    "two ranks": ["train", "--threads", "1", "--processes", "2"],
+    "sweep": ["sweep", "--seeds", "1,2"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", REFUSALS)
 def test_bad_teachers_and_knobs_are_refused_by_name_with_no_run_folder(
-    tmp_path: Path, teacher: tuple[Path, Keep], cli_digits: None, case: str
+    tmp_path: Path, teacher: tuple[Path, Keep], cli_digits: None, case: str, mode: str
 ) -> None:
-    """Exit 2, one line naming the flag, the bad value and what is allowed; no run folder. The
-    teachers' files are refused as the run starts (every rank loads them), the knobs by validation."""
+    """Exit 2, one line naming the flag, the bad value and what is allowed; no run folder, nothing
+    printed, no rank or seed started: the command checks the teachers as it validates the config."""
     (tmp_path / "junk.safetensors").write_bytes(b"not weights at all")
     shutil.copy(teacher[0] / runfiles.WEIGHTS_FILE, tmp_path / "bare.safetensors")
     make, flag, words = REFUSALS[case]
     args, value = make(teacher[0], tmp_path)
     result = CliRunner().invoke(
-        app, ["train", "--output-dir", str(tmp_path / "runs"), "--name", "s", "--wandb", "disabled",
-              "--threads", "1", "--max-train-samples", "256", "--epochs", "1", *args],
+        app, [*MODES[mode], "--output-dir", str(tmp_path / "runs"), "--name", "s", "--wandb", "disabled",
+              "--max-train-samples", "256", "--epochs", "1", *args],
     )  # fmt: skip
     text = flat(result.output)
     assert result.exit_code == 2, text
     assert text.count("Error: ") == 1 and "Traceback" not in text, text
     assert all(w in text for w in (flag, value, words)), text
-    assert not (tmp_path / "runs").exists()
+    assert result.stdout == "" and not (tmp_path / "runs").exists()
