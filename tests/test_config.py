@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
-from mnist_dist.cli import app, config_command, config_parameters, option_type
+from mnist_dist.cli import app
 from mnist_dist.config import (
     ConfigError,
     TrainConfig,
@@ -24,6 +24,7 @@ from mnist_dist.config import (
     reference,
 )
 from mnist_dist.model import MODELS
+from mnist_dist.options import config_command, config_parameters, option_type
 
 
 def flat(text: str) -> str:

@@ -46,7 +46,7 @@ from typer.testing import CliRunner, Result
 
 from mnist_dist import data as D
 from mnist_dist import runfiles
-from mnist_dist.cli import app, option_type
+from mnist_dist.cli import app
 from mnist_dist.config import (
     INTERPOLATIONS,
     OPTIMIZERS,
@@ -57,6 +57,7 @@ from mnist_dist.config import (
 )
 from mnist_dist.faults import DIVERGED_EXIT
 from mnist_dist.model import MODELS, build_model
+from mnist_dist.options import option_type
 
 from .helpers import RunsCode
 from .test_cli import flat
