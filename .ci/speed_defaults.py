@@ -2,14 +2,16 @@
 measurement behind ``config.CPU_SPEED``.
 
     PYTHONPATH=. python .ci/speed_defaults.py --preset default --rounds 3 --json out.json
+    PYTHONPATH=. python .ci/speed_defaults.py --preset default --precisions no,bf16   # + bf16 autocast
 
 Each round runs ``python -m mnist_dist.train`` once per setting (eager; channels_last; compile;
-compile + channels_last), one after the other, on the same slice of MNIST for 1 + ``--epochs``
-epochs. A run is a process of its own, as a user's is: compiled graphs are never shared between
+compile + channels_last) and precision, one after the other, on the same slice of MNIST for
+1 + ``--epochs`` epochs. A run is a process of its own, as a user's is: compiled graphs are never shared between
 settings. The first epoch is warm-up (compilation included) and is reported apart; the rate is the
 later epochs' (their own timings in metrics.jsonl, which leave out evaluation). Rounds interleave
 the settings, so a machine whose speed drifts moves all of them alike, and each round's ratios to
-eager compare runs a few seconds apart.
+eager (fp32) compare runs a few seconds apart. A setting run under another precision than fp32 is
+reported as ``<setting> <precision>``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mnist_dist.config import PRESETS
+from mnist_dist.config import PRECISIONS, PRESETS
 from mnist_dist.runfiles import read_metrics
 
 SETTINGS = {
@@ -35,12 +37,12 @@ SETTINGS = {
 }
 
 
-def run(args: argparse.Namespace, setting: str, out: Path, name: str) -> dict[str, float]:
+def run(args: argparse.Namespace, setting: str, precision: str, out: Path, name: str) -> dict[str, float]:
     """One training run; its steady rate and its first epoch's extra seconds."""
     cmd = [
         sys.executable, "-m", "mnist_dist.train", "--preset", args.preset, *(["--model", args.model] if args.model else []),
         "--max-train-samples", str(args.samples), "--epochs", str(1 + args.epochs), "--threads", str(args.threads),
-        "--wandb", "disabled", "--output-dir", str(out), "--name", name, *SETTINGS[setting],
+        "--wandb", "disabled", "--output-dir", str(out), "--name", name, *SETTINGS[setting], "--precision", precision,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs = [r for r in read_metrics(out / name) if r["kind"] == "epoch"]
@@ -53,12 +55,18 @@ def run(args: argparse.Namespace, setting: str, out: Path, name: str) -> dict[st
     }
 
 
+def label(setting: str, precision: str) -> str:
+    return setting if precision == "no" else f"{setting} {precision}"
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
+    runs = [(s, p) for p in args.precisions.split(",") for s in SETTINGS]
+    rounds: dict[str, list[dict[str, float]]] = {label(s, p): [] for s, p in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for setting in SETTINGS:
-                rounds[setting].append(run(args, setting, Path(tmp), f"{setting.replace('+', '-')}-{r}"))
+            for setting, precision in runs:
+                name = f"{label(setting, precision).replace('+', '-').replace(' ', '-')}-{r}"
+                rounds[label(setting, precision)].append(run(args, setting, precision, Path(tmp), name))
             line = ", ".join(f"{k} {v[-1]['images_per_second']:,.0f}" for k, v in rounds.items())
             print(f"round {r + 1}: {line} img/s", file=sys.stderr, flush=True)
     eager = [r["images_per_second"] for r in rounds["eager"]]
@@ -83,14 +91,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after the warm-up one")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precisions", default="no", help="comma-separated --precision values; 'no' = fp32")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    if "no" not in precisions or not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions must be from {', '.join(PRECISIONS)} and include 'no' (every ratio is to "
+                     f"the round's fp32 eager run), got {args.precisions!r}")  # fmt: skip
     model = args.model or PRESETS[args.preset]().model
     results = measure(args)
     record = {"command": " ".join(sys.argv), "preset": args.preset, "model": model, "threads": args.threads,
-              "samples": args.samples, "epochs": args.epochs, "rounds": args.rounds, "results": results}  # fmt: skip
+              "samples": args.samples, "epochs": args.epochs, "rounds": args.rounds,
+              "precisions": precisions, "results": results}  # fmt: skip
     for name, r in results.items():
-        print(f"{name:<24}{r['images_per_second']:>8,.0f} img/s  {r['ratio_to_eager']:.3f}x eager  "
+        print(f"{name:<30}{r['images_per_second']:>8,.0f} img/s  {r['ratio_to_eager']:.3f}x eager  "
               f"warm-up {r['warmup_seconds']:.1f} s")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
