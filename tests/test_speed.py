@@ -4,6 +4,8 @@ compiled step (inductor, fused Adam with tensor LR and beta1) computing what the
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,17 @@ def test_a_compiled_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, dig
     ref, cut = weights(tmp_path / "ref"), weights(tmp_path / "cut")
     assert all(torch.equal(ref[k], cut[k]) for k in ref), "final weights differ"
     assert records(tmp_path / "cut", "step") == records(tmp_path / "ref", "step")
+
+
+@pytest.mark.parametrize("precisions", ["bf16", "no,fp32", "no,"])
+def test_speed_defaults_refuses_precisions_without_fp32_or_unknown_by_name(precisions: str) -> None:
+    """`.ci/speed_defaults.py` divides every rate by the round's fp32 eager run: a list without fp32,
+    or with a name --precision does not take, is refused before any run starts."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(repo / ".ci/speed_defaults.py"), "--precisions", precisions],
+        capture_output=True, text=True, cwd=repo, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"got {precisions!r}" in done.stderr and "include 'no'" in done.stderr
