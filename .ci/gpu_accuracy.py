@@ -56,6 +56,7 @@ RECIPES: dict[str, list[str]] = {
     # re-allocations of its parameters (each under 20k)
     "default": DEFAULT,
     "default_branches": [*DEFAULT, "--branches"],
+    "net_default": [*DEFAULT, "--model", "net"],  # Net's baseline for the two below
     "net_branches": [*DEFAULT, "--model", "net", "--branches"],
     "net_distilled": [*DEFAULT, "--model", "net", "--distill-from", TEACHERS.format("default")],
     "default_el8": [*DEFAULT, "--elastic", "8"],
@@ -64,7 +65,7 @@ RECIPES: dict[str, list[str]] = {
     "default_w8x25": [*DEFAULT, "--model", "net_w8x25"],
 }
 ROUNDS = {  # --recipes by the name of a round
-    "round5": "default,default_branches,net_branches,net_distilled,default_el8,default_el16,default_w24x23,"
+    "round5": "default,default_branches,net_default,net_branches,net_distilled,default_el8,default_el16,default_w24x23,"
     "default_w8x25",
 }
 
