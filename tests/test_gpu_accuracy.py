@@ -58,3 +58,14 @@ def test_unknown_recipes_are_refused_by_name(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "unknown recipes nope" in done.stderr
     assert not (tmp_path / "gpu_runs").exists()
+
+
+def test_every_round_names_known_recipes() -> None:
+    """A typo in a round would only surface on the GPU, after the machine's minutes had started."""
+    import runpy
+
+    script = runpy.run_path(str(REPO / ".ci/gpu_accuracy.py"), run_name="gpu_accuracy")
+    for round_name, names in script["ROUNDS"].items():
+        unknown = [n for n in names.split(",") if n not in script["RECIPES"]]
+        assert not unknown, f"round {round_name} names unknown recipes {unknown}"
+    assert "net_default" in script["ROUNDS"]["round5"].split(",")
