@@ -419,7 +419,7 @@ def evaluate(
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Root holding MNIST/raw/*.gz.")] = None,  # noqa: UP045
     split_seed: Annotated[int, typer.Option(help="Split seed the weights were trained with.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch.")] = TrainConfig.eval_batch_size,
     as_json: Annotated[
         bool,
         typer.Option(

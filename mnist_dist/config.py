@@ -125,7 +125,11 @@ class TrainConfig:
     max_train_samples: int | None = _opt(
         None, "Train on the first N samples of the split (smoke runs).", "Data"
     )
-    eval_batch_size: int = _opt(2000, "Evaluation batch per process.", "Data")
+    eval_batch_size: int = _opt(
+        256,
+        "Evaluation batch per process (a CPU evaluates small batches fastest: they stay in cache).",
+        "Data",
+    )
     tta: bool = _opt(
         False,
         f"Final evaluation also reports test-time-augmentation accuracy ({TTA_LABEL}) on val and test; "
