@@ -29,6 +29,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, digits: MNISTArrays) -> dict[
         "output_dir": str(root),
         "wandb": "disabled",
         "threads": 1,
+        "compile": False,  # the table is the same; compiling net_wider costs a cold machine about 20 s
     }
     for name, preset, tta in [
         ("ref", "reference", False),
