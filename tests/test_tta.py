@@ -222,7 +222,9 @@ def weights(few_step_run: Path) -> Path:
 
 
 @pytest.mark.proof
-def test_evaluate_tta_reports_both_numbers_labelled_in_json_and_its_report(weights: Path, data_root: Path) -> None:
+def test_evaluate_tta_reports_both_numbers_labelled_in_json_and_its_report(
+    weights: Path, data_root: Path
+) -> None:
     out = CliRunner().invoke(app, ["evaluate", str(weights), "--tta", "--data-dir", str(data_root), "--json"])
     assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)
