@@ -15,6 +15,7 @@ from mnist_dist.config import TrainConfig, default_data_dir
 
 from .helpers import REPO, clean_env
 
+pytestmark = pytest.mark.proof
 SCRIPT = REPO / ".ci/eval_batch.py"
 
 
