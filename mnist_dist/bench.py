@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from mnist_dist import data as D
-from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, reference
+from mnist_dist import spec
+from mnist_dist.bench_options import BARE_VARIANTS, PROFILE_SKIP, STEP_FIELDS, BenchOptions
+from mnist_dist.config import TrainConfig, default_data_dir
 from mnist_dist.files import write_text_atomic
 from mnist_dist.model import build_model, compiled
 from mnist_dist.trainer import Hooks, Trainer, train
@@ -51,81 +53,7 @@ from mnist_dist.trainer import Hooks, Trainer, train
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 Chunk = tuple[float, float | None, int]  # wall seconds, CPU seconds (None: not known), images
 Rounds = dict[str, list[dict[str, Any]]]  # measurement -> one result per round
-# The config fields that decide a step's cost: recorded with every result, and (with the threads
-# and the data) the recipe options of `mnist-dist bench`, generated from TrainConfig like train's.
-STEP_FIELDS = (
-    "model", "precision", "compile", "channels_last", "cuda_graph", "batch_size", "optimizer",
-    "rotate", "translate", "scale", "interpolation", "elastic", "ema",
-)  # fmt: skip
-OPTION_FIELDS = (*STEP_FIELDS, "threads", "data_dir")
-# The bare step's variants: config fields set on top of the recipe, so a new speed field of TrainConfig
-# is a new variant here. The loop's "vs bare" is against the fastest of those timed.
-BARE_VARIANTS: dict[str, dict[str, Any]] = {
-    "eager": {"compile": False, "channels_last": False},
-    "channels_last": {"compile": False, "channels_last": True},
-    "compile": {"compile": True, "channels_last": False},
-    "compile+channels_last": {"compile": True, "channels_last": True},
-}
 GROUPS = ("bare", "conventional")  # measured in variants; each group's fastest is the one compared
-PROFILE_SKIP = 10  # untraced steps before a profile (compilation, allocator and cache warm-up)
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to time: a recipe (a preset with TrainConfig options on top, as in ``train``) and how."""
-
-    recipe: TrainConfig = field(default_factory=reference)
-    max_train_samples: int = 10_240
-    epochs: int = 2  # timed epochs of the loop, after one warm-up epoch
-    steps: int | None = None  # timed steps of bare and conventional (default: the loop's timed steps)
-    warmup_steps: int = 10
-    rounds: int = 3
-    workers: tuple[int, ...] = (0, 1, 2)  # conventional DataLoader worker counts, each timed
-    bare: tuple[str, ...] = tuple(BARE_VARIANTS)  # bare-step variants timed
-    conventional: bool = True
-
-    def __post_init__(self) -> None:
-        _listed(
-            self.workers, "--workers", lambda w: isinstance(w, int) and w >= 0, "integers >= 0 like 0,1,2"
-        )
-        _listed(self.bare, "--bare", BARE_VARIANTS.__contains__, f"names from {', '.join(BARE_VARIANTS)}")
-
-    def kinds(self) -> list[str]:
-        """The measurements of one round, the loop first (its warm-up is then a cold start's)."""
-        bare = [f"bare:{name}" for name in self.bare]
-        conventional = [f"conventional:{w}_workers" for w in self.workers] if self.conventional else []
-        return ["loop", *bare, *conventional]
-
-    def train_config(self, output_dir: str, name: str) -> TrainConfig:
-        """The config the loop runs with; bare and conventional read their options from it too."""
-        cfg = self.recipe.replace(
-            threads=self.recipe.threads or os.cpu_count() or 1,
-            max_train_samples=self.max_train_samples,
-            epochs=1 + self.epochs,
-            output_dir=output_dir,
-            name=name,
-            wandb="disabled",
-        )
-        return cfg.validate(world_size=1, cuda=torch.cuda.is_available())
-
-    def record(self) -> dict[str, Any]:
-        """The options as the JSON reports them: the recipe's preset and options, then bench's own."""
-        own = {k: v for k, v in asdict(self).items() if k != "recipe"}
-        return {"preset": self.recipe.preset, **{k: getattr(self.recipe, k) for k in OPTION_FIELDS}, **own}
-
-
-def _listed(values: tuple[Any, ...], flag: str, ok: Callable[[Any], bool], allowed: str) -> None:
-    if not values or len(set(values)) != len(values) or not all(ok(v) for v in values):
-        shown = ",".join(map(str, values))
-        raise ConfigError(f"{flag} must list {allowed}, each once; got {shown!r}")
-
-
-def parse_list(text: str, flag: str, kind: type = str) -> tuple[Any, ...]:
-    """A comma-separated option's values (``--workers 0,1,2``), refused by name if one is not a ``kind``."""
-    try:
-        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated {kind.__name__}s; got {text!r}") from None
 
 
 # ---------------------------------------------------------------------- timing
@@ -472,7 +400,7 @@ def _results(rounds: Rounds, device: torch.device, recipe: TrainConfig) -> dict[
         if (kinds := [k for k in results if k.startswith(f"{group}:")])
     }
     ratios = {kind: _ratio(rounds, kind, results, device) for kind in results if kind != "loop"}
-    images = recipe.epochs * D.N_TRAIN
+    images = recipe.epochs * spec.N_TRAIN
     seconds = {
         kind: images / res["images_per_second"] + (res["warmup_seconds"] if kind == "loop" else 0)
         for kind, res in results.items()
@@ -534,7 +462,7 @@ def format_table(result: dict[str, Any]) -> str:
         ips, mark = r["images_per_second"], " *" if kind in best.values() else ""
         vs = f"{ips / bare:>9.2f}" if bare else f"{'':>9}"
         lines.append(
-            f"{_name(kind) + mark:<40}{ips:>10,.0f}{r['best_images_per_second']:>9,.0f}{D.N_TRAIN / ips:>9.2f}"
+            f"{_name(kind) + mark:<40}{ips:>10,.0f}{r['best_images_per_second']:>9,.0f}{spec.N_TRAIN / ips:>9.2f}"
             f"{r['warmup_seconds']:>11.2f}{vs}{recipe['seconds'][kind]:>10.1f} s"
         )
     lines.append("")
@@ -549,7 +477,7 @@ def format_table(result: dict[str, Any]) -> str:
             + (f"; per CPU-second {ratio['cpu_time']:.3f}" if "cpu_time" in ratio else "")
         )
     lines.append(
-        f"s/epoch: one epoch of the {D.N_TRAIN:,}-image split; {recipe['epochs']} epochs: the {recipe['preset']} "
+        f"s/epoch: one epoch of the {spec.N_TRAIN:,}-image split; {recipe['epochs']} epochs: the {recipe['preset']} "
         "recipe's training time (the loop's warm-up included); vs bare: over the fastest bare step"
     )
     return "\n".join(lines)

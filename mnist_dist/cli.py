@@ -27,8 +27,8 @@ import typer
 
 from mnist_dist import env
 from mnist_dist.config import ConfigError, TrainConfig, check_run_dir_free, default_data_dir, from_preset
-from mnist_dist.data import TTA_LABEL, TTA_VIEWS
 from mnist_dist.options import CONFIG_PARAMS, KW, config_command, config_from_options
+from mnist_dist.spec import TTA_LABEL, TTA_VIEWS
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # help: the callback's docstring
 
@@ -276,7 +276,7 @@ def _launch_or_fail(cfg: TrainConfig, launch: dict[str, Any]) -> None:
 
 
 def _profile_param(where: str) -> inspect.Parameter:
-    from mnist_dist.bench import PROFILE_SKIP
+    from mnist_dist.bench_options import PROFILE_SKIP
 
     return inspect.Parameter(
         "profile", KW, default=None,
@@ -623,7 +623,8 @@ def run_bench_command(
     import shlex
 
     from mnist_dist import data as D
-    from mnist_dist.bench import BenchOptions, format_table, parse_list, profile_loop, run_bench, write_json
+    from mnist_dist.bench import format_table, profile_loop, run_bench, write_json
+    from mnist_dist.bench_options import BenchOptions, parse_list
 
     try:
         listed = {
@@ -688,7 +689,7 @@ _BENCH_PARAMS = [
 
 def _bench_list_params() -> list[inspect.Parameter]:
     """The options that list what to time, their defaults shown from BenchOptions."""
-    from mnist_dist.bench import BenchOptions
+    from mnist_dist.bench_options import BenchOptions
 
     listed = {
         "workers": "DataLoader worker counts of the conventional pipeline, each timed; the fastest is compared",
@@ -703,7 +704,7 @@ def _bench_list_params() -> list[inspect.Parameter]:
 
 
 def _make_bench_command() -> Callable[..., None]:
-    from mnist_dist.bench import OPTION_FIELDS
+    from mnist_dist.bench_options import OPTION_FIELDS
 
     return config_command(
         run_bench_command,

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist import runfiles
-from mnist_dist.data import TTA_LABEL
-from mnist_dist.model import MODELS, build_model, count_parameters
+from mnist_dist.model import build_model, count_parameters
 from mnist_dist.plots import latest, plot_compare
+from mnist_dist.spec import MODELS, TTA_LABEL
 
 COLUMNS = (  # (row key, header)
     ("run", "run"),

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mnist_dist import env
-from mnist_dist.data import ELASTIC_SIGMA, N_TRAIN, TTA_LABEL, step_bounds
-from mnist_dist.model import MODELS
+from mnist_dist.spec import ELASTIC_SIGMA, MODELS, N_TRAIN, TTA_LABEL, step_bounds
 
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")

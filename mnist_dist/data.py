@@ -21,8 +21,9 @@ from typing import IO
 import torch
 import torch.nn.functional as F
 
+from mnist_dist.spec import ELASTIC_SIGMA, N_TRAIN, N_VAL, View, step_bounds
+
 MEAN, STD = 0.1307, 0.3081
-N_TRAIN, N_VAL = 50_000, 10_000
 # name -> (md5, idx magic, dims); the md5s are torchvision's (MNIST.resources).
 _EXPECTED = {
     "train-images-idx3-ubyte.gz": (2051, (60_000, 28, 28)),
@@ -186,22 +187,6 @@ def device_splits(
 
 
 # ---------------------------------------------------------------------- sampling
-def step_bounds(n: int, step: int, world: int) -> list[int]:
-    """Where each optimizer step of an epoch starts and ends in the epoch's permutation of n samples,
-    in steps of ``step`` samples (the last is [bounds[-2], n)).
-
-    A last step smaller than the world size is merged into the step before it, so every rank has at
-    least one sample in every step (DDP and BatchNorm need that). The config's checks and the
-    sampler both count steps with this one rule.
-    """
-    if n < world:
-        raise ValueError(f"{n} training samples cannot be shared by {world} processes")
-    bounds = [*range(0, n, step), n]
-    if len(bounds) > 2 and n - bounds[-2] < world:
-        bounds.pop(-2)
-    return bounds
-
-
 class ShardedSampler:
     """Index plan for one run: every epoch a fresh permutation (from seed and epoch), cut into
     optimizer steps of ``batch * world * accum`` samples; rank r takes its contiguous slice of each
@@ -242,9 +227,6 @@ def eval_shard(n: int, world: int, rank: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- augmentation
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     return (images_u8.float() / 255.0 - MEAN) / STD
-
-
-ELASTIC_SIGMA = 4.0  # Simard et al. (2003): sigma 4 px with alpha 34 worked best on MNIST
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -305,17 +287,6 @@ def augment(
     return (x - MEAN) / STD
 
 
-@dataclass(frozen=True)
-class View:
-    """One fixed test-time view of an image: a whole-pixel shift (right and down positive), then a
-    rotation about the centre by ``degrees`` (the sign convention of ``augment``'s angles)."""
-
-    name: str
-    dx: int = 0
-    dy: int = 0
-    degrees: float = 0.0
-
-
 def view(images_u8: torch.Tensor, v: View) -> torch.Tensor:
     """``images_u8`` (N,1,H,W) seen as ``v``, normalized. The shift is exact (zero-padded and cropped,
     no resampling); the rotation samples nearest pixels through ``augment``'s grid, fill 0 before
@@ -334,18 +305,3 @@ def view(images_u8: torch.Tensor, v: View) -> torch.Tensor:
     grid = _affine_grid(x, angle, torch.ones(n, device=dev), zero, zero)
     x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return (x - MEAN) / STD
-
-
-# Fixed before any measurement, never chosen on the numbers: the image, shifted one pixel each way,
-# and turned 5 degrees each way.
-TTA_VIEWS = (
-    View("identity"),
-    View("shift right", dx=1),
-    View("shift left", dx=-1),
-    View("shift down", dy=1),
-    View("shift up", dy=-1),
-    View("rotate +5", degrees=5.0),
-    View("rotate -5", degrees=-5.0),
-)
-# Everything that reports a TTA number names it by this label.
-TTA_LABEL = f"TTA, {len(TTA_VIEWS)} views"

@@ -3,7 +3,7 @@ evaluation of saved weights in one process. Both run the same per-chunk arithmet
 run's reported accuracy and ``mnist-dist evaluate`` of its weights count the same way.
 
 Test-time augmentation (TTA) scores each image by the mean, over the fixed views
-``data.TTA_VIEWS``, of the model's probabilities."""
+``spec.TTA_VIEWS``, of the model's probabilities."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from mnist_dist import data as D
+from mnist_dist import spec
 from mnist_dist.distributed import local_device
 from mnist_dist.weights import load_model
 
@@ -25,7 +26,7 @@ from mnist_dist.weights import load_model
 def _log_probs(
     model: torch.nn.Module,
     images_u8: torch.Tensor,
-    views: Sequence[D.View] | None,
+    views: Sequence[spec.View] | None,
     autocast: Callable[[], AbstractContextManager[Any]],
 ) -> torch.Tensor:
     """The model's log-probabilities of a chunk; with ``views``, the log of the mean over the views of
@@ -49,7 +50,7 @@ def _sums(
     indices: torch.Tensor,
     batch: int,
     autocast: Callable[[], AbstractContextManager[Any]],
-    views: Sequence[D.View] | None = None,
+    views: Sequence[spec.View] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(correct, summed loss, count) over ``indices`` in float64, and the predictions per chunk.
     The sums stay on the device: the caller reads them once, after any reduction over ranks."""
@@ -77,7 +78,7 @@ def evaluate_split(
     accelerator: Accelerator,
     batch: int,
     want_predictions: bool = False,
-    views: Sequence[D.View] | None = None,
+    views: Sequence[spec.View] | None = None,
 ) -> dict[str, Any]:
     """Exact-count evaluation: each rank takes a contiguous shard (no padding, no duplicates),
     sums are reduced over ranks, so accuracy counts every sample exactly once for any world size.
@@ -101,7 +102,7 @@ def evaluate_split(
 
 @torch.no_grad()
 def _in_process(
-    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[D.View] | None = None
+    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[spec.View] | None = None
 ) -> tuple[list[float], torch.Tensor]:
     """(correct, summed loss, count) and every prediction of ``split``, in this process, in full precision."""
     model.eval()
@@ -118,7 +119,7 @@ def accuracy(model: torch.nn.Module, split: D.DeviceSplit, batch: int) -> float:
 
 
 def split_report(
-    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[D.View] | None = None
+    model: torch.nn.Module, split: D.DeviceSplit, batch: int, views: Sequence[spec.View] | None = None
 ) -> dict[str, Any]:
     """Accuracy, loss, per-class counts and the confusion counts (rows true, columns predicted) of
     ``split`` (with ``views``: under test-time augmentation): the per-class numbers come from the same
@@ -155,9 +156,10 @@ def evaluate_weights(
         **{split: split_report(net, splits[split], batch) for split in ("val", "test")},
     }
     if tta:
-        result["tta_views"] = [v.name for v in D.TTA_VIEWS]
+        result["tta_views"] = [v.name for v in spec.TTA_VIEWS]
         result |= {
-            f"{split}_tta": split_report(net, splits[split], batch, D.TTA_VIEWS) for split in ("val", "test")
+            f"{split}_tta": split_report(net, splits[split], batch, spec.TTA_VIEWS)
+            for split in ("val", "test")
         }
     return result
 
@@ -170,7 +172,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"val  {100 * val['acc']:.2f}%  ({val['count']:,} images, split seed {result['split_seed']})",
         f"test {100 * test['acc']:.2f}%  ({test['count']:,} images)",
         *[
-            f"{f'{split} ({D.TTA_LABEL})':<{len(D.TTA_LABEL) + 7}} {100 * result[f'{split}_tta']['acc']:.2f}%  "
+            f"{f'{split} ({spec.TTA_LABEL})':<{len(spec.TTA_LABEL) + 7}} {100 * result[f'{split}_tta']['acc']:.2f}%  "
             f"({result[f'{split}_tta']['count']:,} images)"
             for split in ("val", "test")
             if f"{split}_tta" in result

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_dist.spec import MODELS
+
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
@@ -39,17 +41,6 @@ class Net(nn.Module):
         x = self.pool2(self.convblock4(self.convblock3(x)))
         x = self.gap(self.convblock6(self.convblock5(x)))
         return F.log_softmax(x.view(-1, 10), dim=-1)
-
-
-MODELS = {
-    "net": {"width1": 8, "width2": 16},  # the reference design: 8,440 parameters
-    "net_wide": {"width1": 12, "width2": 24},  # same layout, 1.5x channels: 18,708 parameters
-    "net_wider": {"width1": 16, "width2": 24},  # 2x/1.5x channels: 19,616 parameters
-    # net_wider's budget re-allocated (issue 18's GPU candidates): the first block wider, the rest
-    # narrower; or the first block as Net's and the rest wider.
-    "net_w24x23": {"width1": 24, "width2": 23},  # 19,929 parameters
-    "net_w8x25": {"width1": 8, "width2": 25},  # 19,213 parameters
-}
 
 
 def build_model(name: str = "net") -> Net:

@@ -22,8 +22,8 @@ from typing import Any
 
 from mnist_dist import env, runfiles
 from mnist_dist.config import TrainConfig
-from mnist_dist.data import TTA_LABEL
 from mnist_dist.files import write_text_atomic
+from mnist_dist.spec import TTA_LABEL
 
 STATS = ("val_acc", "test_acc", "wall_seconds")
 TTA_STATS = ("val_tta_acc", "test_tta_acc")  # a sweep with --tta: the same runs' TTA results, labelled

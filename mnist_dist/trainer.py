@@ -31,7 +31,7 @@ from accelerate.utils import tqdm as progress
 
 from mnist_dist import data as D
 from mnist_dist import distributed as dist
-from mnist_dist import faults, runfiles
+from mnist_dist import faults, runfiles, spec
 from mnist_dist.branches import branched, fold
 from mnist_dist.checkpoint import Checkpointer
 from mnist_dist.config import ConfigError, TrainConfig, default_data_dir, run_dir_taken
@@ -333,7 +333,7 @@ class Trainer:
         self.stop_if_diverged(self.nonfinite().tolist())
 
     def evaluate(
-        self, split: str, want_predictions: bool = False, views: Sequence[D.View] | None = None
+        self, split: str, want_predictions: bool = False, views: Sequence[spec.View] | None = None
     ) -> dict[str, Any]:
         """The evaluated weights (EMA or live), the same on every rank, on a whole split."""
         dist.sync_from_rank0(self.eval_net, self.accelerator)
@@ -354,7 +354,7 @@ class Trainer:
             self.eval_net = fold(self.eval_net)
         val = self.evaluate("val", want_predictions=True)
         test = self.evaluate("test")
-        tta = {s: self.evaluate(s, views=D.TTA_VIEWS) for s in ("val", "test")} if self.cfg.tta else {}
+        tta = {s: self.evaluate(s, views=spec.TTA_VIEWS) for s in ("val", "test")} if self.cfg.tta else {}
         summary = self.summary(val, test, tta)
         artifacts = {
             "val_predictions": val.get("predictions"),
@@ -362,7 +362,7 @@ class Trainer:
             "val_images": self.splits["val"].images,  # the tracker copies only the misclassified ones
         }
         dist.agree(self.accelerator, lambda: self._write_final(summary, artifacts))
-        tta_text = "".join(f"{s} ({D.TTA_LABEL}) {100 * summary[f'{s}_tta_acc']:.2f}%  " for s in tta)
+        tta_text = "".join(f"{s} ({spec.TTA_LABEL}) {100 * summary[f'{s}_tta_acc']:.2f}%  " for s in tta)
         self.tracker.print(
             f"done: val {100 * summary['val_acc']:.2f}%  test {100 * summary['test_acc']:.2f}%  {tta_text}"
             f"({summary['wall_seconds']:.1f} s, {summary['train_images_per_second']:,.0f} train img/s) "

@@ -13,7 +13,8 @@ import torch
 
 from mnist_dist import runfiles
 from mnist_dist.files import atomic_write
-from mnist_dist.model import MODELS, Net, build_model
+from mnist_dist.model import Net, build_model
+from mnist_dist.spec import MODELS
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 # The reference design's code exists with its 1x1 output conv bare or wrapped in a Sequential (ours).

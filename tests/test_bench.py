@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
-from mnist_dist.bench import OPTION_FIELDS, PROFILE_SKIP, BenchOptions, ProfileSteps, _results
+from mnist_dist import spec
+from mnist_dist.bench import ProfileSteps, _results
+from mnist_dist.bench_options import OPTION_FIELDS, PROFILE_SKIP, BenchOptions
 from mnist_dist.cli import app
 from mnist_dist.config import default_data_dir, from_preset, reference
 from mnist_dist.evaluate import accuracy
@@ -119,7 +121,7 @@ def test_each_group_is_compared_at_its_fastest_variant_round_by_round() -> None:
     assert out["ratios"]["bare:eager"]["median"] == 1.0 and out["ratios"]["bare:eager"]["cpu_time"] == 1.25
     assert out["ratios"]["conventional:0_workers"]["median"] == 2.0
     assert "cpu_time" not in out["ratios"]["conventional:0_workers"]  # its workers' CPU time is not known
-    assert out["recipe"]["seconds"]["loop"] == 19 * D.N_TRAIN / 1000 + 0.5
+    assert out["recipe"]["seconds"]["loop"] == 19 * spec.N_TRAIN / 1000 + 0.5
 
 
 def _trace(path: Path) -> tuple[list[str], set[str]]:

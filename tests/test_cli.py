@@ -100,3 +100,28 @@ def test_train_entry_points_share_the_same_options() -> None:
         "--config",
         "--print-config",
     } <= options(a.stdout)
+
+
+# Every command's help, asked for in one fresh interpreter; then which heavy modules it imported.
+HELP_PROBE = """
+import sys
+from typer.main import get_command
+from mnist_dist.cli import app
+for name in [None, *get_command(app).commands]:
+    try:
+        app([name, "--help"] if name else ["--help"], prog_name="mnist-dist")
+    except SystemExit as e:
+        assert e.code == 0, (name, e.code)
+print(sorted(m for m in ("torch", "torchvision", "accelerate", "wandb", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_help_answers_without_importing_torch() -> None:
+    """``--help`` and typer's own refusals must answer at once: no command's help may load torch
+    (about 3 s) or the other heavy packages; they load only when a command runs."""
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, env=clean_env(), timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--epochs" in result.stdout and "--tta" in result.stdout  # the helps were really printed
+    assert result.stdout.splitlines()[-1] == "[]"

@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
+from mnist_dist import spec
 from mnist_dist.cli import app
 from mnist_dist.config import (
     ConfigError,
@@ -141,7 +142,7 @@ def test_steps_per_epoch_is_the_sampler_s_own_count() -> None:
         )
         sampler = D.ShardedSampler(n, cfg.per_process_batch(world), world, 0, 1, accum)
         assert cfg.steps_per_epoch(world) == sampler.steps_per_epoch(), (n, batch, world, accum)
-        assert D.step_bounds(n, cfg.per_process_batch(world) * world * accum, world) == sampler._bounds
+        assert spec.step_bounds(n, cfg.per_process_batch(world) * world * accum, world) == sampler._bounds
 
 
 def test_one_step_warm_up_is_refused_before_launch() -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from mnist_dist import data as D
+from mnist_dist import spec
 from mnist_dist.cli import app
 from mnist_dist.config import TrainConfig, from_preset
 from mnist_dist.evaluate import format_report, split_report
@@ -23,7 +24,7 @@ from mnist_dist.runfiles import WEIGHTS_FILE
 from mnist_dist.trainer import train
 from mnist_dist.weights import load_model
 
-VIEWS = {v.name: v for v in D.TTA_VIEWS}
+VIEWS = {v.name: v for v in spec.TTA_VIEWS}
 TTA_KEYS = {"val_tta_acc", "val_tta_loss", "test_tta_acc", "test_tta_loss"}
 
 
@@ -55,8 +56,8 @@ def net() -> torch.nn.Module:
 
 # ---------------------------------------------------------------------- the views
 def test_the_views_are_fixed_and_named() -> None:
-    assert D.TTA_LABEL == "TTA, 7 views"
-    assert [(v.dx, v.dy, v.degrees) for v in D.TTA_VIEWS] == [
+    assert spec.TTA_LABEL == "TTA, 7 views"
+    assert [(v.dx, v.dy, v.degrees) for v in spec.TTA_VIEWS] == [
         (0, 0, 0.0), (1, 0, 0.0), (-1, 0, 0.0), (0, 1, 0.0), (0, -1, 0.0), (0, 0, 5.0), (0, 0, -5.0),
     ]  # fmt: skip
 
@@ -112,7 +113,7 @@ class Constant(torch.nn.Module):
 
 def test_a_model_that_ignores_the_image_scores_the_same_with_tta(splits: dict[str, D.DeviceSplit]) -> None:
     plain = split_report(Constant(), splits["test"], 64)
-    tta = split_report(Constant(), splits["test"], 64, D.TTA_VIEWS)
+    tta = split_report(Constant(), splits["test"], 64, spec.TTA_VIEWS)
     assert tta["acc"] == plain["acc"] == int((splits["test"].labels == 3).sum()) / len(splits["test"])
     assert tta["confusion"] == plain["confusion"]
     assert tta["loss"] == pytest.approx(plain["loss"], rel=1e-6)
@@ -145,7 +146,7 @@ def test_one_confident_view_changes_the_prediction() -> None:
     assert split_report(probe, dot(), 8)["acc"] == 0.0, "plain: class 0 (weakly)"
     assert split_report(probe, dot(), 8, [VIEWS["shift right"]])["acc"] == 1.0
     assert split_report(probe, dot(), 8, [VIEWS["shift left"]])["acc"] == 0.0, "the pixel moved the other way"
-    tta = split_report(probe, dot(), 8, D.TTA_VIEWS)
+    tta = split_report(probe, dot(), 8, spec.TTA_VIEWS)
     assert tta["acc"] == 1.0 and tta["confusion"][1][1] == 1
     # mean probability of class 1: three views see the dot unmoved, one sees it at (14, 15), three see no lit pixel
     p1_unmoved = 1 / (torch.e + 9)
@@ -158,7 +159,7 @@ def test_probabilities_are_averaged_not_logits() -> None:
     probabilities picks class 0, a mean of the logits would pick class 1 (60 / 7 > 3)."""
     probe = Probe(bias=3.0, weak=0.0, strong=60.0)
     assert split_report(probe, dot(), 8, [VIEWS["shift right"]])["acc"] == 1.0
-    assert split_report(probe, dot(), 8, D.TTA_VIEWS)["confusion"][1] == [1] + [0] * 9
+    assert split_report(probe, dot(), 8, spec.TTA_VIEWS)["confusion"][1] == [1] + [0] * 9
 
 
 def test_the_report_shows_plain_and_tta_lines_labelled(
@@ -167,7 +168,7 @@ def test_the_report_shows_plain_and_tta_lines_labelled(
     result: dict[str, Any] = {"model": "net", "split_seed": 0, "tta_views": list(VIEWS)}
     for name in ("val", "test"):
         result[name] = split_report(net, splits[name], 64)
-        result[f"{name}_tta"] = split_report(net, splits[name], 64, D.TTA_VIEWS)
+        result[f"{name}_tta"] = split_report(net, splits[name], 64, spec.TTA_VIEWS)
     lines = format_report(result).splitlines()
     assert lines[:4] == [
         f"val  {100 * result['val']['acc']:.2f}%  (100 images, split seed 0)",
@@ -207,7 +208,7 @@ def test_a_training_with_tta_adds_the_four_numbers_and_changes_nothing_else(
     for name, split in D.device_splits(few, 0, torch.device("cpu"), max_train=1).items():
         if name == "train":
             continue
-        again = split_report(model, split, 500, D.TTA_VIEWS)  # in one process, the run's weights
+        again = split_report(model, split, 500, spec.TTA_VIEWS)  # in one process, the run's weights
         assert again["count"] == tta[f"{name}_count"] == len(split)
         assert tta[f"{name}_tta_acc"] == again["acc"]
         assert tta[f"{name}_tta_loss"] == pytest.approx(again["loss"], rel=1e-5)
