@@ -78,6 +78,7 @@ def step_losses(tmp: Path, data: MNISTArrays, name: str, compile: bool) -> tuple
     return losses, summary
 
 
+@pytest.mark.proof  # inductor's C++ builds: 25-50 s on a 2-core CPU, too slow for the fast tier
 def test_the_compiled_step_gives_the_eager_steps_losses(tmp_path: Path, digits: MNISTArrays) -> None:
     """50 optimizer steps (the last a short batch, its own graph) of the default recipe (net_wider,
     dropout, EMA, elastic distortion) compiled
@@ -95,6 +96,7 @@ def test_the_compiled_step_gives_the_eager_steps_losses(tmp_path: Path, digits: 
     assert eager[-1] < eager[0] / 2  # and it learned: the comparison is not of two flat lines
 
 
+@pytest.mark.proof  # inductor's C++ builds: 25-50 s on a 2-core CPU, too slow for the fast tier
 def test_a_compiled_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, digits: MNISTArrays) -> None:
     """Stopped by SIGTERM at step 11 (mid-epoch 2), then resumed: the compiled graphs, one per batch
     shape, are built again in another order, and the weights still equal the uninterrupted run's."""
