@@ -19,6 +19,7 @@ from accelerate import Accelerator
 
 from mnist_dist import data as D
 from mnist_dist import spec
+from mnist_dist.config import TrainConfig
 from mnist_dist.distributed import local_device
 from mnist_dist.weights import load_model
 
@@ -145,10 +146,13 @@ def evaluate_weights(
     path: Path, data_root: Path, split_seed: int, batch: int, model: str | None = None, tta: bool = False
 ) -> dict[str, Any]:
     """The weights at ``path`` (a run folder or a weights file) measured on validation and test;
-    with ``tta`` also under test-time augmentation, as ``val_tta`` and ``test_tta``."""
+    with ``tta`` also under test-time augmentation, as ``val_tta`` and ``test_tta``. The model runs in
+    the memory format a training of it on this device would use, so the numbers are the training's."""
     device = local_device()
     net, name = load_model(path, model)
     net = net.to(device)
+    if TrainConfig(model=name).speed(device.type).channels_last:
+        net = net.to(memory_format=torch.channels_last)
     splits = D.device_splits(D.load_mnist(data_root), split_seed, device, max_train=1)
     result = {
         "model": name,

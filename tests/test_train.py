@@ -44,7 +44,9 @@ def test_run_folder_holds_config_metrics_and_weights(short_run: Path) -> None:
 
 @pytest.mark.parametrize("target", ["folder", "weights", "reference-pt"])
 def test_evaluate_reproduces_the_run_summary(short_run: Path, tmp_path: Path, target: str) -> None:
-    """The run folder, its model.safetensors, and the same weights as a reference-design .pt file."""
+    """The run folder, its model.safetensors, and the same weights as a reference-design .pt file:
+    the same accuracies and, to the bit, the same losses (evaluate runs the model in the training's
+    memory format)."""
     summary = json.loads((short_run / runfiles.SUMMARY_FILE).read_text())
     path = {"folder": short_run, "weights": short_run / runfiles.WEIGHTS_FILE}.get(target)
     if path is None:
@@ -54,3 +56,9 @@ def test_evaluate_reproduces_the_run_summary(short_run: Path, tmp_path: Path, ta
     assert result.exit_code == 0, result.output
     assert f"val  {100 * summary['val_acc']:.2f}%" in result.output
     assert f"test {100 * summary['test_acc']:.2f}%" in result.output
+    measured = json.loads(CliRunner().invoke(app, ["evaluate", str(path), "--json"]).stdout)
+    for split in ("val", "test"):
+        assert (measured[split]["acc"], measured[split]["loss"]) == (
+            summary[f"{split}_acc"],
+            summary[f"{split}_loss"],
+        )
