@@ -4,6 +4,7 @@ synthetic digits in-process."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,15 @@ from accelerate.state import AcceleratorState
 
 from mnist_dist import data as D
 from mnist_dist.config import default_data_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One inductor cache for the session, in this process and every process the tests start. The
+    proofs give each test's processes a TMPDIR of their own (it marks them), and inductor keeps its
+    cache under TMPDIR: without this every compiled run would rebuild its graphs from nothing. Each
+    graph's first build in a session is still a cold one; a given TORCHINDUCTOR_CACHE_DIR is kept."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor-cache"))
 
 
 @pytest.fixture(scope="session")
