@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -29,6 +29,9 @@ from mnist_dist import env
 from mnist_dist.config import ConfigError, TrainConfig, check_run_dir_free, default_data_dir, from_preset
 from mnist_dist.options import CONFIG_PARAMS, KW, config_command, config_from_options
 from mnist_dist.spec import TTA_LABEL, TTA_VIEWS
+
+if TYPE_CHECKING:
+    from mnist_dist.data import MNISTArrays
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # help: the callback's docstring
 
@@ -189,12 +192,12 @@ def run_train(config_file: Path | None, print_config: bool, profile: int | None,
             check_run_dir_free(Path(cfg.output_dir) / cfg.name, cfg.resume)
         except ConfigError as e:
             raise fail(str(e)) from None
-    try:  # verify (or download) the data once, before N ranks start
-        D.load_mnist(Path(cfg.data_dir) if cfg.data_dir else default_data_dir())
+    try:  # verify (or download) the data once, before N ranks start; one process trains on it
+        arrays = D.load_mnist(Path(cfg.data_dir) if cfg.data_dir else default_data_dir())
     except D.DataError as e:
         raise fail(str(e), code=1) from None
     if _world_size(launch) == 1:
-        _train_or_fail(cfg, hooks)
+        _train_or_fail(cfg, hooks, arrays)
     else:
         _launch_or_fail(cfg, launch)
 
@@ -217,7 +220,7 @@ def _profile_hooks(profile: int | None, cfg: TrainConfig, world: int) -> list[An
     return [ProfileSteps(profile)]
 
 
-def _train_or_fail(cfg: TrainConfig, hooks: Sequence[Any] = ()) -> None:
+def _train_or_fail(cfg: TrainConfig, hooks: Sequence[Any] = (), data: MNISTArrays | None = None) -> None:
     from mnist_dist.checkpoint_format import CheckpointError
     from mnist_dist.data import DataError
     from mnist_dist.faults import WRITE_FAILED_EXIT, Fault, write_failed
@@ -229,7 +232,7 @@ def _train_or_fail(cfg: TrainConfig, hooks: Sequence[Any] = ()) -> None:
 
     rank_started()
     try:
-        train(cfg, hooks=hooks)
+        train(cfg, data=data, hooks=hooks)
     except Preempted as e:  # the main process already said where the checkpoint is
         raise typer.Exit(on_purpose(e.exit_code)) from None
     except (ConfigError, CheckpointError) as e:

@@ -434,7 +434,8 @@ def train(
     cfg: TrainConfig, *, data: D.MNISTArrays | None = None, hooks: Sequence[Hooks] = ()
 ) -> dict[str, Any]:
     """Run one training on this rank; return the summary (the same dict summary.json holds).
-    ``data`` replaces the MNIST files (tests pass small synthetic arrays)."""
+    ``data``: the arrays to train on instead of reading the MNIST files (the CLI's one-process run
+    passes the files it has just verified; tests pass small synthetic digits)."""
     trainer = Trainer(cfg, data=data, hooks=hooks)
     try:
         trainer.fit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import shutil
 import stat
@@ -88,14 +89,24 @@ def test_wrong_header_is_reported(data_root: Path, tmp_path: Path, monkeypatch: 
     raw = copy_raw(data_root, tmp_path / "hdr")
     victim = raw / "t10k-labels-idx1-ubyte.gz"
     victim.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + gzip.decompress(victim.read_bytes())[4:]))
-    real = D._resources()
-    monkeypatch.setattr(
-        D,
-        "_resources",
-        lambda: {**real, victim.name: __import__("hashlib").md5(victim.read_bytes()).hexdigest()},
-    )
+    _, magic, dims = D.FILES[victim.name]
+    md5 = hashlib.md5(victim.read_bytes()).hexdigest()  # the md5 passes: the header is what is wrong
+    monkeypatch.setitem(D.FILES, victim.name, (md5, magic, dims))
     with pytest.raises(D.DataError, match="IDX header says magic 2051"):
         D.load_mnist(tmp_path / "hdr")
+
+
+def test_the_md5s_are_torchvisions_and_reading_the_data_never_imports_it(data_root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    assert {name: md5 for name, (md5, _, _) in D.FILES.items()} == dict(MNIST.resources)
+    code = (
+        "import sys; from pathlib import Path; from mnist_dist import data as D; "
+        f"D.load_mnist(Path({str(data_root)!r}), allow_download=False); "
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
