@@ -188,8 +188,11 @@ def plot_misclassified(
     """Up to 6 x 8 digits, each titled true → predicted."""
     cols = 8
     rows = max(1, -(-len(images) // cols))
-    fig = Figure(figsize=(cols * 1.1, rows * 1.25 + 0.5), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    height = rows * 1.25 + 0.5  # inches: 1.25 a row (digit and its title), 0.5 for the figure's title
+    # Fixed margins: a constrained layout of 48 axes takes longer than the rest of the picture.
+    fig = Figure(figsize=(cols * 1.1, height))
+    grid = {"left": 0.01, "right": 0.99, "bottom": 0.05 / height, "top": 1 - 0.55 / height, "hspace": 0.35}
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=grid).flatten()
     for i, ax in enumerate(axes):
         ax.set_axis_off()
         if i < len(images):

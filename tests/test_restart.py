@@ -34,7 +34,7 @@ RECIPE = ("--preset", "reference", "--max-train-samples", "2048", "--epochs", "2
           "--threads", "1", "--log-every", "1", "--wandb", "disabled")  # fmt: skip
 CHECKPOINTS = ("--checkpoint-every", "4")
 TRAIN = [sys.executable, "-m", "mnist_dist.cli", "train"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--monitor_interval", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ANNOUNCE = "process(es) on"  # in the line each (re)started group's rank 0 prints first
 
 
