@@ -2,9 +2,10 @@
 batched per-sample augmentation and the fixed views of test-time augmentation.
 
 torchvision's MNIST downloads the files from its mirrors. Their md5s are written here (a test
-holds them equal to torchvision's list), so that reading the data never imports torchvision, which
-costs every process that trains about 1.4 s. We read the verified ``.gz`` files directly instead of letting torchvision extract them: nothing is ever written
-beside the user's files, a read-only data directory works, and N ranks reading at once cannot race.
+holds them equal to torchvision's list) so that reading the data, which every rank does, never pays
+for importing torchvision. We read the verified ``.gz`` files directly instead of letting
+torchvision extract them: nothing is ever written beside the user's files, a read-only data
+directory works, and N ranks reading at once cannot race.
 """
 
 from __future__ import annotations
